@@ -103,7 +103,7 @@ def schedule_from_config(cfg) -> Schedule:
 
 def gumbel(shape, generator, device):
     u = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1.0)
-    return -torch.log(-torch.log(u).clamp_min(1e-20))
+    return -torch.log((-torch.log(u)).clamp_min(1e-20))  # standard Gumbel(0, 1)
 
 
 def guided_logits(model: Callable, ids, class_ids, scale: float, null_class_id: int):

@@ -1,0 +1,91 @@
+"""NAT objective and sampler: masking law, schedules, determinism, batched guidance."""
+import math
+
+import pytest
+import torch
+
+from configs import autonat_t8_strategy
+from libs.nat import (Schedule, generate, guided_logits, make_masked_batch, maskgit_schedule,
+                      masked_token_loss, random_mask, schedule_from_config)
+from tests.helpers import tiny_backbone
+
+
+def test_training_masks_follow_beta_12_3():
+    g = torch.Generator().manual_seed(0)
+    mask = random_mask(10_000, 256, (12, 3), generator=g)
+    frac = mask.float().mean(1)
+    assert abs(float(frac.mean()) - 0.8) < 0.02
+    assert abs(float(frac.std()) - math.sqrt(12 * 3 / (15 ** 2 * 16))) < 0.01  # Beta(12,3) std
+    assert int(mask.sum(1).min()) >= 1
+
+
+def test_at_least_one_masked_token_on_short_sequences():
+    mask = random_mask(5000, 2, (1, 30), generator=torch.Generator().manual_seed(1))
+    assert int(mask.sum(1).min()) == 1
+
+
+def test_masked_batch_and_loss_only_on_masked_places():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32, (64, 16))
+    cls = torch.randint(0, 4, (64,))
+    batch = make_masked_batch(ids, cls, 32, 4, p_uncond=0.5, generator=g)
+    assert torch.all(batch.input_ids[batch.mask] == 32)
+    assert torch.equal(batch.input_ids[~batch.mask], ids[~batch.mask])
+    dropped = (batch.class_ids == 4).float().mean()
+    assert 0.3 < float(dropped) < 0.7
+    assert torch.all((batch.class_ids == 4) | (batch.class_ids == cls))
+    logits = torch.randn(64, 16, 32)
+    changed = logits.clone()
+    changed[~batch.mask] = torch.randn_like(changed[~batch.mask])  # unmasked places do not count
+    assert torch.equal(masked_token_loss(logits, batch), masked_token_loss(changed, batch))
+
+
+def test_schedules():
+    s = schedule_from_config(autonat_t8_strategy.get_config())
+    assert s.steps == 8 and len(s.ratios) == 7
+    m = maskgit_schedule(4, 2.0, temp=4.5)
+    assert m.guidance[0] == 0.0 and m.guidance[-1] == 2.0
+    assert m.ratios[0] == pytest.approx(math.cos(math.pi / 8))
+    with pytest.raises(ValueError):
+        Schedule([0.5], [1.0], [1.0], [1.0, 1.0, 1.0])
+
+
+def sample(model, schedule, seed, record=None):
+    g = torch.Generator().manual_seed(seed)
+    return generate(model, torch.tensor([0, 1, 2, 3]), schedule, seq_len=16, mask_token_id=32,
+                    null_class_id=4, generator=g, record=record)
+
+
+@pytest.mark.parametrize("schedule", [schedule_from_config(autonat_t8_strategy.get_config()),
+                                      maskgit_schedule(6, 3.0)])
+def test_mask_count_follows_schedule_and_output_is_valid(schedule):
+    model = tiny_backbone()
+    record = []
+    ids = sample(model, schedule, seed=0, record=record)
+    n_masked = 16
+    for t, step_ids in enumerate(record[:-1]):
+        expected = max(1, min(n_masked - 1, math.floor(16 * schedule.ratios[t])))
+        assert torch.all((step_ids == 32).sum(1) == expected)
+        n_masked = expected
+    assert not torch.any(ids == 32)
+    assert int(ids.min()) >= 0 and int(ids.max()) < 32
+    assert torch.equal(ids, sample(model, schedule, seed=0))
+    assert not torch.equal(ids, sample(model, schedule, seed=1))
+
+
+def test_known_tokens_are_never_changed():
+    model = tiny_backbone()
+    record = []
+    sample(model, maskgit_schedule(5, 1.0), seed=3, record=record)
+    for prev, nxt in zip(record, record[1:]):
+        known = prev != 32
+        assert torch.equal(nxt[known], prev[known])
+
+
+def test_batched_guidance_equals_two_calls():
+    model = tiny_backbone()
+    ids = torch.randint(0, 33, (3, 16))
+    cls = torch.tensor([0, 1, 3])
+    batched = guided_logits(model, ids, cls, 1.7, null_class_id=4)
+    cond, uncond = model(ids, cls), model(ids, torch.full_like(cls, 4))
+    torch.testing.assert_close(batched, cond + 1.7 * (cond - uncond), atol=1e-5, rtol=0)
