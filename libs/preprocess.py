@@ -33,7 +33,7 @@ def center_crop_arr(img: Image.Image, resolution: int) -> np.ndarray:
     arr = np.asarray(img)  # [H,W,3] uint8, short side == R
     top = (arr.shape[0] - resolution) // 2
     left = (arr.shape[1] - resolution) // 2
-    return np.ascontiguousarray(arr[top:top + resolution, left:left + resolution])  # [R,R,3]
+    return arr[top:top + resolution, left:left + resolution].copy()  # [R,R,3], writable
 
 
 def preprocess_image(img: Image.Image, resolution: int) -> torch.Tensor:

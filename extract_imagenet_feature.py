@@ -1,0 +1,71 @@
+"""Tokenizes an ImageFolder split (data/<split>/<class>/*.JPEG) into a token dataset (issue 3, SPEC §1).
+
+  python extract_imagenet_feature.py --path data --split train
+  torchrun --nproc_per_node=8 extract_imagenet_feature.py --path data --split train --device cuda
+
+Output (default assets/imagenet256_vq_features/<split>/): tokens.npy, labels.npy, meta.json; see
+libs/token_dataset.py. Rerunning the same command resumes an interrupted run (finished chunks are kept).
+"""
+import argparse
+import logging
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags (the config file and --config.* overrides are added by parse_args_with_config)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--path", required=True, help="root of the ImageFolder tree (holds <split>/<class>/...)")
+    p.add_argument("--split", default="train", help="sub-folder of --path to tokenize (default train)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default assets/imagenet256_vq_features/<split>)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="also store each image's horizontal flip (default: only on the train split)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per tokenizer forward (per process)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (per process)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default cuda when available)")
+    p.add_argument("--chunk-size", type=int, default=1024,
+                   help="images per resumable chunk; chunks are fixed slices of the sorted file list")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing dataset / partial results")
+    p.add_argument("--keep-partial", action="store_true", help="keep the per-chunk files after merging")
+    p.add_argument("--stop-after-chunks", type=int, default=0,
+                   help="testing aid: exit with status 3 after writing this many chunks (simulated crash)")
+    return p
+
+
+def main(argv=None) -> int:
+    """Parses flags, tokenizes the split, returns a process exit status."""
+    import torch
+
+    from libs.checkpoint import MissingAssetError
+    from libs.config import parse_args_with_config
+    from libs.token_dataset import (Distributed, MissingTokenDatasetError, StopRequested, TokenDatasetError,
+                                    extract_token_dataset)
+
+    args, config = parse_args_with_config(build_parser(), "configs/ka_mig_l.py", argv)
+    dist = Distributed()
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, stream=sys.stderr,
+                        format=f"[tokenize{f' rank {dist.rank}' if dist.world > 1 else ''}] %(message)s")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and dist.world > 1:
+        device = f"cuda:{dist.local_rank}"
+    out = args.out or os.path.join("assets", "imagenet256_vq_features", args.split)
+    flip = (args.split == "train") if args.flip is None else args.flip
+    try:
+        extract_token_dataset(os.path.join(args.path, args.split), out, config.tokenizer, flip=flip,
+                              batch_size=args.batch_size, workers=args.workers, device=device,
+                              chunk_size=args.chunk_size, overwrite=args.overwrite,
+                              keep_partial=args.keep_partial, stop_after_chunks=args.stop_after_chunks, dist=dist)
+    except StopRequested as e:
+        logging.getLogger("token_dataset").error("%s", e)
+        return 3
+    except (MissingAssetError, MissingTokenDatasetError, TokenDatasetError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

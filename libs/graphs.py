@@ -1,0 +1,298 @@
+"""The three KA-MIG knowledge graphs built from token maps (SPEC §5): pure, vectorised, no I/O.
+
+Token maps are integer arrays [N,h,w] of codebook ids in [0,K) (uint16 or any int dtype, memmaps
+welcome: they are read chunk by chunk). Edge graphs are returned as numpy arrays
+(edge_index int64 [2,E], edge_weight [E]) in the layout of the released files:
+the graph's own edges in row-major order (source ascending, then target ascending), followed by
+one self-loop per node 0..K-1; weights are scaled by 1/sqrt(c_i*c_j) with c = edges leaving a node.
+
+Position-token incompatibility G_p is kept as bits: `occurrence_bits` marks which (class, position,
+token) occur in the training maps; the 1/|I| rows are derived on the fly (`incompatibility_rows`).
+Null-class convention: the packed array has rows for classes 0..C-1 only; the model gives the null
+class (id C) an all-zero prior by its class id. A row that is all zero in the paper's dense G_p
+("every token occurs") is stored as all-ones bits, so a dense [C+1,L,K] tensor whose last class is
+zero also round-trips to an all-zero prior for that class.
+"""
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+DEFAULT_CO_RATIO = 0.05   # released G_co: 1023 co-occurring tokens per row -> int(1023*0.05) = 51 kept
+DEFAULT_SIM_K = 2
+DEFAULT_SIM_ALPHA = 5.0
+DEFAULT_MAX_IMAGES = 50_000
+
+# (dy, dx) offsets of one half of each neighbourhood; the other half is the mirror image, whose
+# counts are the transpose, so counting one half and adding the transpose gives ordered pairs.
+HALF_OFFSETS = {
+    8: ((0, 1), (1, -1), (1, 0), (1, 1)),
+    4: ((0, 1), (1, 0)),
+}
+
+
+# ----------------------------------------------------------------------------- validation
+
+def check_maps(maps, codebook_size: int, name: str = "token maps"):
+    """Raises ValueError unless `maps` is an integer array [N,h,w]; returns (N, h, w)."""
+    if not hasattr(maps, "shape") or len(maps.shape) != 3:
+        raise ValueError(f"{name} must have shape [N,h,w], got {getattr(maps, 'shape', type(maps))}")
+    if not np.issubdtype(np.dtype(maps.dtype), np.integer):
+        raise ValueError(f"{name} must hold integer codebook ids, got dtype {maps.dtype}")
+    if int(codebook_size) < 1:
+        raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+    return tuple(int(s) for s in maps.shape)
+
+
+def check_ids(chunk: np.ndarray, codebook_size: int, name: str = "token maps"):
+    """Raises ValueError if any id of `chunk` is outside [0, codebook_size)."""
+    if chunk.size and (int(chunk.min()) < 0 or int(chunk.max()) >= codebook_size):
+        raise ValueError(f"{name} hold ids in [{int(chunk.min())}, {int(chunk.max())}], "
+                         f"outside the codebook [0, {codebook_size})")
+
+
+def chunk_slices(n: int, chunk: int):
+    """Consecutive slices of at most `chunk` items covering range(n)."""
+    return [slice(s, min(s + chunk, n)) for s in range(0, n, max(1, chunk))]
+
+
+def run_chunks(fn, slices, num_threads=None, progress=None):
+    """Yields fn(s) for each slice in order, on up to `num_threads` threads (numpy frees the GIL).
+
+    `progress` optionally wraps the result iterator (e.g. functools.partial(tqdm, desc=...)).
+    """
+    num_threads = num_threads or min(os.cpu_count() or 1, 4)
+    wrap = progress or (lambda it, **kw: it)
+    if num_threads <= 1 or len(slices) <= 1:
+        yield from wrap((fn(s) for s in slices), total=len(slices))
+        return
+    with ThreadPoolExecutor(num_threads) as pool:
+        yield from wrap(pool.map(fn, slices), total=len(slices))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample_image_indices(n: int, max_images, seed: int = 0) -> np.ndarray:
+    """Sorted int64 indices of a seeded random subset of `max_images` of range(n) (all if None or >= n)."""
+    if max_images is None or max_images <= 0 or max_images >= n:
+        return np.arange(n, dtype=np.int64)
+    idx = np.random.default_rng(seed).choice(n, size=int(max_images), replace=False)
+    return np.sort(idx).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- G_co
+
+def co_occurrence_counts(maps, codebook_size: int, neighbourhood: int = 8, chunk: int = 8192,
+                         num_threads=None, progress=None) -> np.ndarray:
+    """[K,K] int64 counts of ordered (centre, neighbour) pairs over the 4/8-neighbourhood (no wrap)."""
+    if neighbourhood not in HALF_OFFSETS:
+        raise ValueError(f"neighbourhood must be 4 or 8, got {neighbourhood}")
+    n, h, w = check_maps(maps, codebook_size)
+    K = int(codebook_size)
+    index_dtype = np.int64
+
+    def count(s):
+        m = np.asarray(maps[s])  # [n,h,w], read from a memmap chunk by chunk
+        check_ids(m, K)
+        m = m.astype(index_dtype)
+        pairs = []
+        for dy, dx in HALF_OFFSETS[neighbourhood]:
+            # centres at (y, x), neighbours at (y+dy, x+dx), both inside the grid
+            centre = m[:, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+            neigh = m[:, max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+            pairs.append((centre * K + neigh).ravel())
+        return np.bincount(np.concatenate(pairs), minlength=K * K)  # [K*K]
+
+    half = np.zeros(K * K, dtype=np.int64)
+    for c in run_chunks(count, chunk_slices(n, chunk), num_threads, progress):
+        half += c
+    half = half.reshape(K, K)
+    return half + half.T  # the mirrored offsets count (neighbour, centre)
+
+
+def add_self_loops_and_scale(src, dst, weight, num_nodes: int, dtype=np.float32):
+    """Appends self-loops (weight 1) for all nodes, then scales w_ij by 1/sqrt(c_i*c_j), c = out-edge counts."""
+    src = np.concatenate([np.asarray(src, np.int64), np.arange(num_nodes, dtype=np.int64)])  # [E]
+    dst = np.concatenate([np.asarray(dst, np.int64), np.arange(num_nodes, dtype=np.int64)])  # [E]
+    weight = np.concatenate([np.asarray(weight, np.float64), np.ones(num_nodes)])  # [E]
+    c = np.bincount(src, minlength=num_nodes).astype(np.float64)  # edges leaving each node, >= 1
+    weight = weight / np.sqrt(c[src] * c[dst])
+    return np.stack([src, dst]), weight.astype(dtype)
+
+
+def co_occurrence_graph(counts, ratio: float = DEFAULT_CO_RATIO, dtype=np.float32):
+    """G_co from [K,K] counts: per row the top max(1, int(nnz*ratio)) off-diagonal counts, self-loops, scaling.
+
+    Ties in a row are broken by the smaller target id. Rows without co-occurrences keep only the
+    self-loop. Weights are the counts (1 for self-loops) divided by sqrt(c_i*c_j).
+    """
+    counts = np.array(counts, dtype=np.int64)  # copy [K,K]
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
+        raise ValueError(f"counts must be a square [K,K] matrix, got shape {counts.shape}")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    if counts.size and counts.min() < 0:
+        raise ValueError("counts must be non-negative")
+    K = counts.shape[0]
+    np.fill_diagonal(counts, 0)
+    nnz = (counts > 0).sum(1)  # [K]
+    k_row = np.where(nnz > 0, np.maximum(1, np.floor(nnz * float(ratio)).astype(np.int64)), 0)  # [K]
+    order = np.argsort(-counts, axis=1, kind="stable")  # [K,K] count descending, then id ascending
+    keep = np.zeros((K, K), dtype=bool)
+    rank_ok = np.arange(K)[None, :] < k_row[:, None]  # [K,K] first k_row places of each row
+    rows = np.broadcast_to(np.arange(K)[:, None], (K, K))
+    keep[rows[rank_ok], order[rank_ok]] = True
+    src, dst = np.nonzero(keep)  # row-major order
+    return add_self_loops_and_scale(src, dst, counts[src, dst], K, dtype)
+
+
+# ----------------------------------------------------------------------------- G_s
+
+def position_histograms(maps, codebook_size: int, chunk: int = 16384, num_threads=None,
+                        progress=None) -> np.ndarray:
+    """[K, h*w] int64: how often each token occurs at each (row-major) position."""
+    n, h, w = check_maps(maps, codebook_size)
+    K, L = int(codebook_size), h * w
+    pos = np.arange(L, dtype=np.int64)
+
+    def count(s):
+        m = np.asarray(maps[s]).reshape(-1, L)  # [n,L]
+        check_ids(m, K)
+        return np.bincount((m.astype(np.int64) * L + pos).ravel(), minlength=K * L)  # [K*L]
+
+    hist = np.zeros(K * L, dtype=np.int64)
+    for c in run_chunks(count, chunk_slices(n, chunk), num_threads, progress):
+        hist += c
+    return hist.reshape(K, L)
+
+
+def position_distributions(hist) -> torch.Tensor:
+    """float64 [K,L]: rows min-max normalised (constant rows -> 0), / Frobenius norm, row softmax."""
+    x = torch.as_tensor(np.asarray(hist), dtype=torch.float64)  # [K,L]
+    lo, hi = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+    span = hi - lo
+    x = torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(x))
+    norm = torch.linalg.norm(x)
+    if norm > 0:
+        x = x / norm
+    return torch.softmax(x, dim=1)
+
+
+def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Natural-log JS divergence between rows of p [A,L] and q [B,L] (all entries > 0) -> [A,B]."""
+    p, q = p[:, None, :], q[None, :, :]  # [A,1,L], [1,B,L]
+    r = (q - p) / (q + p)  # [A,B,L]; log(p/m) = log1p(-r), log(q/m) = log1p(r), exact near p = q
+    js = 0.5 * (p * torch.log1p(-r) + q * torch.log1p(r)).sum(-1)  # [A,B]
+    return js.clamp_min(0.0)
+
+
+def similarity_graph(hist, k: int = DEFAULT_SIM_K, alpha: float = DEFAULT_SIM_ALPHA,
+                     measure: str = "distance", chunk: int = 64, dtype=np.float64, progress=None):
+    """G_s from position histograms [K,L]: each token -> its k nearest other tokens, weight exp(-alpha*d).
+
+    d is the Jensen-Shannon measure between the tokens' position distributions (natural log):
+    measure="distance" is sqrt(divergence) (scipy's `jensenshannon`); "divergence" is the divergence.
+    The default "distance" is what the released file matches: its weights exp(-5 d) reach 0.9726,
+    i.e. d = 0.0056, while after the recipe's normalisation every divergence is below 1/(8*1024)
+    (softmax of entries <= 1/sqrt(#non-constant rows)). Both measures pick the same neighbours.
+    Ties are broken by the smaller id; a token never equals its own neighbour. Tokens that never
+    occur get a uniform distribution (no NaN). Then self-loops and the edge-count scaling.
+    """
+    if measure not in ("distance", "divergence"):
+        raise ValueError(f"measure must be 'distance' or 'divergence', got {measure!r}")
+    hist = np.asarray(hist)
+    if hist.ndim != 2:
+        raise ValueError(f"position histograms must be [K,L], got shape {hist.shape}")
+    K = hist.shape[0]
+    if not 1 <= k < K:
+        raise ValueError(f"k must be in [1, K-1] = [1, {K - 1}], got {k}")
+    p = position_distributions(hist)  # [K,L]
+    nearest, measures = [], []
+    wrap = progress or (lambda it, **kw: it)
+    for s in wrap(chunk_slices(K, chunk), total=len(chunk_slices(K, chunk))):
+        d = jensen_shannon(p[s], p)  # [B,K]
+        if measure == "distance":
+            d = d.sqrt()
+        d[torch.arange(d.shape[0]), torch.arange(s.start, s.stop)] = float("inf")  # not itself
+        order = np.argsort(d.numpy(), axis=1, kind="stable")[:, :k]  # [B,k] smallest, ties by id
+        nearest.append(order)
+        measures.append(np.take_along_axis(d.numpy(), order, axis=1))
+    nearest, measures = np.concatenate(nearest), np.concatenate(measures)  # [K,k]
+    order = np.argsort(nearest, axis=1, kind="stable")  # row-major edge order: targets ascending
+    dst = np.take_along_axis(nearest, order, axis=1).ravel()  # [K*k]
+    weight = np.exp(-alpha * np.take_along_axis(measures, order, axis=1)).ravel()  # [K*k]
+    src = np.repeat(np.arange(K), k)
+    return add_self_loops_and_scale(src, dst, weight, K, dtype)
+
+
+# ----------------------------------------------------------------------------- G_p
+
+def occurrence_bits(maps, labels, num_classes: int, codebook_size: int, chunk: int = 16384,
+                    num_threads=None, progress=None) -> np.ndarray:
+    """uint8 [C, h*w, ceil(K/8)]: bit (c, i, t) set iff token t occurs at position i in a map of class c.
+
+    Bits are np.packbits(..., bitorder='little') along the token axis: token t is bit t%8 of byte t//8.
+    """
+    n, h, w = check_maps(maps, codebook_size)
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape [N] = [{n}], got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels lie in [{int(labels.min())}, {int(labels.max())}], outside the "
+                         f"classes [0, {num_classes}) (the null class {num_classes} has no maps)")
+    C, K, L = int(num_classes), int(codebook_size), h * w
+    occurs = np.zeros(C * L * K, dtype=bool)  # flat [C,L,K]
+    pos = np.arange(L, dtype=np.int64) * K
+
+    def mark(s):
+        m = np.asarray(maps[s]).reshape(-1, L)  # [n,L]
+        check_ids(m, K)
+        flat = labels[s].astype(np.int64)[:, None] * (L * K) + pos + m.astype(np.int64)  # [n,L]
+        occurs[flat.ravel()] = True  # only ever sets True: concurrent chunks cannot conflict
+
+    for _ in run_chunks(mark, chunk_slices(n, chunk), num_threads, progress):
+        pass
+    return np.packbits(occurs.reshape(C, L, K), axis=-1, bitorder="little")
+
+
+def dense_to_occurrence(dense) -> np.ndarray:
+    """Packed occurrence bits from the paper's dense G_p [C,L,K] (token occurs <=> its entry is 0)."""
+    if isinstance(dense, torch.Tensor):
+        dense = dense.detach().cpu().numpy()
+    if getattr(dense, "ndim", None) != 3:
+        raise ValueError(f"dense incompatibility must be [C,L,K], got shape {getattr(dense, 'shape', None)}")
+    out = [np.packbits(np.asarray(dense[s]) == 0, axis=-1, bitorder="little")  # [c,L,ceil(K/8)]
+           for s in chunk_slices(dense.shape[0], 32)]
+    return np.concatenate(out) if out else np.zeros((0,) + dense.shape[1:2] + (math.ceil(dense.shape[2] / 8),), np.uint8)
+
+
+def unpack_occurrence_torch(packed: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """bool [..., L, K] from packed uint8 [..., L, ceil(K/8)] (little bit order), on packed's device."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1  # [..., L, ceil(K/8), 8]
+    return bits.flatten(-2)[..., :codebook_size].bool()
+
+
+def unpack_occurrence(packed, codebook_size: int):
+    """bool [..., L, K] from packed bits; numpy in -> numpy out, torch in -> torch out."""
+    if isinstance(packed, torch.Tensor):
+        return unpack_occurrence_torch(packed, codebook_size)
+    packed = np.asarray(packed, dtype=np.uint8)
+    return np.unpackbits(packed, axis=-1, count=codebook_size, bitorder="little").astype(bool)
+
+
+def incompatibility_rows(occurs, dtype=None):
+    """G_p rows [..., L, K]: 1/|I| on the tokens I that never occur, 0 elsewhere (zeros if I is empty)."""
+    if isinstance(occurs, torch.Tensor):
+        never = ~occurs.bool()
+        n = never.sum(-1, keepdim=True)  # [..., L, 1]
+        dtype = dtype or torch.float32
+        return never.to(dtype) / n.clamp_min(1).to(dtype)
+    never = ~np.asarray(occurs, dtype=bool)
+    n = never.sum(-1, keepdims=True)  # [..., L, 1]
+    dtype = dtype or np.float32
+    return never.astype(dtype) / np.maximum(n, 1).astype(dtype)

@@ -1,0 +1,495 @@
+"""Token dataset (issue 3): on-disk format, loader (ours + the paper's .npy), and the chunked builder.
+
+Format (a directory):
+  tokens.npy  uint16 [N, h*w]  memory-mappable token ids, row order = sorted file list (image row, then
+                               its horizontal-flip row on the train split)
+  labels.npy  int64  [N]       class index of each row (classes = sorted folder names)
+  meta.json                   codebook_size, grid, seq_len, resolution, tokenizer hash, class names,
+                               counts, rows_per_image, skipped files with reasons; written last, so a
+                               directory without it is incomplete.
+The paper's format is one int64 .npy whose rows are [label, L ids].
+"""
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from libs.checkpoint import atomic_write
+
+FORMAT_VERSION = 1
+TOKENS_FILE, LABELS_FILE, META_FILE = "tokens.npy", "labels.npy", "meta.json"
+PARTIAL_DIR = "_partial"        # per-chunk results of an unfinished extraction
+PLAN_FILE = "plan.json"         # what the chunks in PARTIAL_DIR were computed for
+BUILD_HINT = "python extract_imagenet_feature.py --path data --split train"
+SCAN_ROWS = 1 << 16             # rows per block when scanning a (memory-mapped) token array
+
+log = logging.getLogger("token_dataset")
+
+
+class TokenDatasetError(ValueError):
+    """A token dataset (or a partial extraction) is inconsistent or does not match what was asked."""
+
+
+class MissingTokenDatasetError(FileNotFoundError):
+    """The token dataset path does not exist or holds no finished dataset."""
+
+
+class StopRequested(RuntimeError):
+    """Raised by `--stop-after-chunks` (a testing aid that simulates a crash)."""
+
+
+# ----------------------------------------------------------------------------- small I/O helpers
+
+
+def file_sha256(path, block=1 << 20) -> str:
+    """Hex sha256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for data in iter(lambda: f.read(block), b""):
+            h.update(data)
+    return h.hexdigest()
+
+
+def save_npy_atomic(path, array: np.ndarray):
+    """np.save to `path` via a temp file + os.replace."""
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append '.npy' to a bare temp name
+            np.save(f, array)
+    return atomic_write(path, write)
+
+
+def write_json_atomic(path, obj):
+    """JSON dump to `path` via a temp file + os.replace."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+    return atomic_write(path, write)
+
+
+def missing_dataset_message(path) -> str:
+    """Error text for a token dataset that is not there."""
+    return (f"token dataset not found: {path}\n"
+            f"  build it from an ImageFolder tree data/train/<class>/*.JPEG with:\n"
+            f"    {BUILD_HINT}   (add --out {path} to write it there)")
+
+
+# ----------------------------------------------------------------------------- format and loader
+
+
+def id_range(tokens: np.ndarray):
+    """(min, max) of a 2-D token array, scanned in row blocks so memmaps stay out of RAM."""
+    lo, hi = None, None
+    for start in range(0, tokens.shape[0], SCAN_ROWS):
+        block = np.asarray(tokens[start:start + SCAN_ROWS])  # [<=SCAN_ROWS, L]
+        if block.size:
+            lo = int(block.min()) if lo is None else min(lo, int(block.min()))
+            hi = int(block.max()) if hi is None else max(hi, int(block.max()))
+    return lo, hi
+
+
+def validate_tokens(tokens: np.ndarray, labels: np.ndarray, meta: dict, source="token dataset"):
+    """Checks shapes against meta, ids in [0, codebook_size) and labels in [0, num_classes)."""
+    if tokens.ndim != 2 or labels.ndim != 1:
+        raise TokenDatasetError(f"{source}: expected tokens [N,L] and labels [N], got "
+                                f"{tuple(tokens.shape)} and {tuple(labels.shape)}")
+    if tokens.shape[0] != labels.shape[0]:
+        raise TokenDatasetError(f"{source}: {tokens.shape[0]} token rows but {labels.shape[0]} labels")
+    if meta.get("num_rows") is not None and tokens.shape[0] != meta["num_rows"]:
+        raise TokenDatasetError(f"{source}: meta says {meta['num_rows']} rows, tokens.npy has {tokens.shape[0]}")
+    if tokens.shape[1] != meta["seq_len"] or meta["grid"] ** 2 != meta["seq_len"]:
+        raise TokenDatasetError(f"{source}: rows of {tokens.shape[1]} ids do not match seq_len "
+                                f"{meta['seq_len']} / grid {meta['grid']}x{meta['grid']}")
+    lo, hi = id_range(tokens)
+    if lo is not None and (lo < 0 or hi >= meta["codebook_size"]):
+        raise TokenDatasetError(f"{source}: token ids span [{lo},{hi}], outside [0,{meta['codebook_size']})")
+    if labels.size:
+        lab_lo, lab_hi = int(labels.min()), int(labels.max())
+        n_cls = meta.get("num_classes")
+        if lab_lo < 0 or (n_cls is not None and lab_hi >= n_cls):
+            raise TokenDatasetError(f"{source}: labels span [{lab_lo},{lab_hi}], outside [0,{n_cls})")
+
+
+def load_paper_npy(path: Path, codebook_size=None, mmap=True, validate=True):
+    """The paper's format: int64 .npy rows [label, L ids] -> (tokens [N,L] view, labels [N], derived meta)."""
+    arr = np.load(path, mmap_mode="r" if mmap else None)  # [N, 1+L]
+    if arr.ndim != 2 or arr.shape[1] < 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise TokenDatasetError(f"{path}: expected an integer array [N, 1+L] of rows [label, ids], "
+                                f"got {arr.dtype} {tuple(arr.shape)}")
+    tokens = arr[:, 1:]  # [N, L] (a strided view; stays memory-mapped)
+    labels = np.ascontiguousarray(arr[:, 0], dtype=np.int64)  # [N]
+    seq_len = tokens.shape[1]
+    grid = math.isqrt(seq_len)
+    if grid * grid != seq_len:
+        raise TokenDatasetError(f"{path}: rows hold {seq_len} ids, not a square token grid")
+    if codebook_size is None or validate:
+        lo, hi = id_range(tokens)
+        if codebook_size is None:
+            codebook_size = (hi + 1) if hi is not None else 0
+    meta = {"format": "paper-npy", "source": str(path), "codebook_size": int(codebook_size), "grid": grid,
+            "seq_len": seq_len, "resolution": None, "tokenizer_sha256": "", "class_names": None,
+            "num_classes": int(labels.max()) + 1 if labels.size else 0, "num_rows": int(arr.shape[0]),
+            "num_images": None, "rows_per_image": None, "skipped": []}
+    return tokens, labels, meta
+
+
+def load_tokens(path, codebook_size=None, mmap=True, validate=True):
+    """Token dataset dir or paper .npy -> (tokens [N,L] (memmap), labels [N] int64, meta dict).
+
+    `codebook_size` (optional) is the size the caller's model expects: it must match the dataset's
+    (our format) or replaces the max-id-derived one (paper format).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MissingTokenDatasetError(missing_dataset_message(path))
+    if path.is_file():
+        if path.suffix != ".npy":
+            raise TokenDatasetError(f"{path}: expected a token dataset directory or a paper-format .npy file")
+        tokens, labels, meta = load_paper_npy(path, codebook_size, mmap, validate)
+    else:
+        if not (path / META_FILE).is_file():
+            if (path / PARTIAL_DIR).is_dir():
+                raise MissingTokenDatasetError(
+                    f"token dataset {path} is unfinished ({path / PARTIAL_DIR} holds partial results and "
+                    f"there is no {META_FILE}); rerun the same extract_imagenet_feature.py command to resume")
+            raise MissingTokenDatasetError(missing_dataset_message(path))
+        with open(path / META_FILE) as f:
+            meta = json.load(f)
+        mode = "r" if mmap else None
+        tokens = np.load(path / TOKENS_FILE, mmap_mode=mode)  # [N, L] uint16
+        labels = np.load(path / LABELS_FILE, mmap_mode=mode)  # [N] int64
+        if codebook_size is not None and codebook_size != meta["codebook_size"]:
+            raise TokenDatasetError(f"{path}: tokenized with a {meta['codebook_size']}-code tokenizer, "
+                                    f"but {codebook_size} codes were expected")
+    if validate:
+        validate_tokens(tokens, labels, meta, source=str(path))
+    return tokens, labels, meta
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Map-style dataset over `load_tokens(path)`: item i -> (ids LongTensor [L], label LongTensor [])."""
+
+    def __init__(self, path, codebook_size=None):
+        self.path = Path(path)
+        self._tokens, self._labels, self.meta = load_tokens(self.path, codebook_size)
+        self.codebook_size = int(self.meta["codebook_size"])
+        self.seq_len = int(self.meta["seq_len"])
+        self.grid = int(self.meta["grid"])
+        self.num_classes = self.meta.get("num_classes")
+        self.num_rows = int(self._tokens.shape[0])
+
+    def __getstate__(self):
+        """Pickles without the arrays (workers reopen the memmap instead of copying it)."""
+        state = dict(self.__dict__)
+        state["_tokens"] = state["_labels"] = None
+        return state
+
+    def arrays(self):
+        """(tokens [N,L], labels [N]), reopened lazily after unpickling."""
+        if self._tokens is None:
+            self._tokens, self._labels, _ = load_tokens(self.path, self.codebook_size, validate=False)
+        return self._tokens, self._labels
+
+    @property
+    def labels(self) -> np.ndarray:
+        """All labels [N] int64."""
+        return self.arrays()[1]
+
+    def __len__(self):
+        return self.num_rows
+
+    def __getitem__(self, i):
+        tokens, labels = self.arrays()
+        ids = torch.from_numpy(np.asarray(tokens[i], dtype=np.int64))  # [L]
+        return ids, torch.tensor(int(labels[i]), dtype=torch.long)
+
+
+def write_token_dataset(out_dir, tokens: np.ndarray, labels: np.ndarray, meta: dict):
+    """Writes an in-memory token dataset (tokens [N,L], labels [N]) atomically, meta.json last."""
+    out_dir = Path(out_dir)
+    if tokens.size and int(tokens.max()) > np.iinfo(np.uint16).max:
+        raise TokenDatasetError("token ids do not fit uint16")
+    (out_dir / META_FILE).unlink(missing_ok=True)  # mark incomplete while the arrays change
+    save_npy_atomic(out_dir / TOKENS_FILE, np.ascontiguousarray(tokens, dtype=np.uint16))
+    save_npy_atomic(out_dir / LABELS_FILE, np.ascontiguousarray(labels, dtype=np.int64))
+    meta = dict(meta, num_rows=int(tokens.shape[0]), seq_len=int(tokens.shape[1]), format_version=FORMAT_VERSION)
+    write_json_atomic(out_dir / META_FILE, meta)
+    return meta
+
+
+# ----------------------------------------------------------------------------- distributed helper
+
+
+class Distributed:
+    """Rank/world from torchrun's env; barrier and rank-0 broadcast over gloo (no-ops for one process)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owns_group = False
+        if self.world > 1 and not torch.distributed.is_initialized():
+            # gloo only coordinates (barrier, small objects): no tensors cross processes, also on GPUs
+            torch.distributed.init_process_group("gloo", timeout=timedelta(hours=2))
+            self.owns_group = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        """Waits for every rank."""
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self):
+        """Tears the process group down if this object created it."""
+        if self.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- builder (chunks, merge)
+
+
+def chunk_path(partial_dir: Path, c: int) -> Path:
+    """File of chunk c (fixed slice of the file list, independent of the number of processes)."""
+    return partial_dir / f"chunk_{c:07d}.npz"
+
+
+def plan_fingerprint(items, flip: bool, chunk_size: int, resolution: int, tokenizer: dict, tok_sha: str) -> str:
+    """Hash of everything the chunk contents depend on (file list, labels, chunking, tokenizer)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": FORMAT_VERSION, "flip": flip, "chunk_size": chunk_size,
+                         "resolution": resolution, "tokenizer": tokenizer, "sha": tok_sha},
+                        sort_keys=True).encode())
+    for rel, label in items:
+        h.update(f"{label}\t{rel}\n".encode())
+    return h.hexdigest()
+
+
+def write_chunk(path: Path, tokens, labels, image_index, skipped, fingerprint: str):
+    """Atomically saves one chunk: tokens [rows,L] uint16, labels [rows], encoded image indices, skips."""
+    def write(tmp):
+        with open(tmp, "wb") as f:  # file object: np.savez would append '.npz' to the temp name
+            np.savez(f, tokens=tokens, labels=np.asarray(labels, dtype=np.int64),
+                     image_index=np.asarray(image_index, dtype=np.int64),
+                     skipped_index=np.asarray([i for i, _ in skipped], dtype=np.int64),
+                     skipped_reason=np.asarray([r for _, r in skipped], dtype=str),
+                     fingerprint=np.asarray(fingerprint))
+    atomic_write(path, write)
+
+
+def read_chunk(path: Path, fingerprint: str) -> dict:
+    """Loads one chunk, refusing one computed for another plan."""
+    with np.load(path, allow_pickle=False) as z:
+        chunk = {k: z[k] for k in z.files}
+    if str(chunk["fingerprint"]) != fingerprint:
+        raise TokenDatasetError(f"{path} was computed for a different file list or tokenizer")
+    return chunk
+
+
+def prepare_output(out_dir: Path, fingerprint: str, n_items: int, chunk_size: int, overwrite: bool) -> str:
+    """Rank 0: 'done' if out_dir already holds this dataset, else readies the partial dir -> 'run'."""
+    meta_path, partial = out_dir / META_FILE, out_dir / PARTIAL_DIR
+    if meta_path.is_file() and not overwrite:
+        with open(meta_path) as f:
+            old = json.load(f).get("fingerprint")
+        if old == fingerprint:
+            return "done"
+        raise TokenDatasetError(f"{out_dir} already holds a token dataset made from other files or another "
+                                f"tokenizer; pass --overwrite to replace it, or choose another --out")
+    plan = {"fingerprint": fingerprint, "num_files": n_items, "chunk_size": chunk_size}
+    if partial.is_dir():
+        try:
+            with open(partial / PLAN_FILE) as f:
+                same = json.load(f) == plan
+        except (OSError, ValueError):
+            same = False
+        if not same and not overwrite:
+            raise TokenDatasetError(f"{partial} holds partial results of a different run (other files, "
+                                    f"tokenizer or --chunk-size); pass --overwrite to discard them")
+        if not same:
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    for stale in partial.glob(".*.tmp"):  # temp files of a killed run
+        stale.unlink()
+    if overwrite:
+        meta_path.unlink(missing_ok=True)
+    if not (partial / PLAN_FILE).is_file():
+        write_json_atomic(partial / PLAN_FILE, plan)
+    return "run"
+
+
+def encode_images(model, images_u8: torch.Tensor, flip: bool, device) -> np.ndarray:
+    """uint8 [B,3,R,R] -> uint16 ids [B or 2B, L]; with flip, each image row is followed by its mirror's."""
+    x = images_u8.to(device, non_blocking=True).float() / 255.0  # [B,3,R,R] in [0,1]
+    B = x.shape[0]
+    if flip:
+        x = torch.cat([x, x.flip(3)])  # [2B,3,R,R]: images, then mirrored images
+    ids = model.encode(x).flatten(1)  # [B or 2B, L]
+    if flip:
+        ids = ids.view(2, B, -1).transpose(0, 1).reshape(2 * B, -1)  # interleave: image, flip, image, ...
+    return ids.cpu().numpy().astype(np.uint16)
+
+
+def tokens_per_image(model) -> int:
+    """Sequence length L = grid^2 of the tokenizer."""
+    return model.grid_size ** 2
+
+
+def chunk_batches(chunks, chunk_size: int, n_items: int, batch_size: int):
+    """Index batches that never straddle a chunk -> (batches, chunk id of each batch)."""
+    batches, owner = [], []
+    for c in chunks:
+        stop = min((c + 1) * chunk_size, n_items)
+        for s in range(c * chunk_size, stop, batch_size):
+            batches.append(list(range(s, min(s + batch_size, stop))))
+            owner.append(c)
+    return batches, owner
+
+
+def compute_chunks(model, dataset, chunks, partial: Path, fingerprint: str, *, chunk_size: int, flip: bool,
+                   batch_size: int, workers: int, device, show_progress: bool, stop_after_chunks: int = 0):
+    """Encodes the given chunks of `dataset` and writes one file per chunk."""
+    from tqdm import tqdm
+    from libs.preprocess import collate_images
+
+    batches, owner = chunk_batches(chunks, chunk_size, len(dataset), batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                         collate_fn=collate_images, pin_memory=str(device).startswith("cuda"))
+    bar = tqdm(total=sum(len(b) for b in batches), unit="img", disable=not show_progress, desc="tokenizing")
+    acc = {"tokens": [], "labels": [], "index": [], "skipped": []}
+    written, n_skipped = 0, 0
+    for j, (index, labels, images, failed) in enumerate(loader):
+        for i, reason in failed:
+            log.warning("skipped %s: %s", dataset.items[i][0], reason)
+        acc["skipped"] += failed
+        n_skipped += len(failed)
+        if images is not None:
+            acc["tokens"].append(encode_images(model, images, flip, device))  # [rows, L]
+            acc["labels"] += [lab for lab in labels for _ in range(2 if flip else 1)]
+            acc["index"] += index
+        bar.update(len(index) + len(failed))
+        bar.set_postfix(skipped=n_skipped)
+        if j + 1 == len(batches) or owner[j + 1] != owner[j]:  # last batch of this chunk
+            tokens = (np.concatenate(acc["tokens"]) if acc["tokens"]  # [rows, L]
+                      else np.zeros((0, tokens_per_image(model)), np.uint16))
+            write_chunk(chunk_path(partial, owner[j]), tokens, acc["labels"], acc["index"], acc["skipped"],
+                        fingerprint)
+            acc = {"tokens": [], "labels": [], "index": [], "skipped": []}
+            written += 1
+            if stop_after_chunks and written >= stop_after_chunks:
+                bar.close()
+                raise StopRequested(f"stopped after {written} chunks (--stop-after-chunks)")
+    bar.close()
+    return written
+
+
+def merge_chunks(out_dir: Path, n_chunks: int, fingerprint: str, items, meta: dict) -> dict:
+    """Rank 0: concatenates the chunk files in order into tokens.npy / labels.npy, then meta.json."""
+    partial = out_dir / PARTIAL_DIR
+    chunks = [read_chunk(chunk_path(partial, c), fingerprint) for c in range(n_chunks)]
+    n_rows = sum(len(ch["labels"]) for ch in chunks)
+    if n_rows == 0:
+        raise TokenDatasetError(f"none of the {len(items)} image files could be read; nothing to write")
+    L = chunks[0]["tokens"].shape[1] if chunks[0]["tokens"].size else meta["seq_len"]
+
+    def write_tokens(tmp):
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(n_rows, L))  # [N, L]
+        row = 0
+        for ch in chunks:
+            mm[row:row + len(ch["tokens"])] = ch["tokens"]
+            row += len(ch["tokens"])
+        mm.flush()
+        del mm
+
+    (out_dir / META_FILE).unlink(missing_ok=True)  # the directory counts as unfinished until meta.json
+    atomic_write(out_dir / TOKENS_FILE, write_tokens)
+    save_npy_atomic(out_dir / LABELS_FILE, np.concatenate([ch["labels"] for ch in chunks]).astype(np.int64))
+    skipped = [{"file": items[int(i)][0], "reason": str(r)}
+               for ch in chunks for i, r in zip(ch["skipped_index"], ch["skipped_reason"])]
+    meta = dict(meta, num_rows=n_rows, seq_len=L, skipped=skipped, num_skipped=len(skipped),
+                num_images=int(sum(len(ch["image_index"]) for ch in chunks)))
+    write_json_atomic(out_dir / META_FILE, meta)
+    return meta
+
+
+def extract_token_dataset(image_root, out_dir, tok_cfg, *, flip: bool, batch_size=64, workers=4, device="cpu",
+                          chunk_size=1024, overwrite=False, keep_partial=False, stop_after_chunks=0,
+                          dist: Distributed = None) -> dict:
+    """Tokenizes an ImageFolder tree into a token dataset at out_dir (resumable, shardable); returns meta."""
+    from libs.preprocess import ImageFileDataset, list_image_folder
+    from libs.vqgan import load_tokenizer
+
+    dist = dist or Distributed()
+    out_dir = Path(out_dir)
+    model = load_tokenizer(tok_cfg, device=device)  # MissingAssetError naming the file if absent
+    if model.codebook_size > np.iinfo(np.uint16).max + 1:
+        raise TokenDatasetError(f"codebook of {model.codebook_size} codes does not fit uint16 tokens")
+    classes, items = list_image_folder(image_root)
+    resolution = model.cfg.resolution
+    tok_sha = dist.broadcast(file_sha256(tok_cfg.checkpoint) if dist.is_main else None)
+    fingerprint = plan_fingerprint(items, flip, chunk_size, resolution, model.config_dict(), tok_sha)
+    n_chunks = math.ceil(len(items) / chunk_size)
+
+    status = None
+    if dist.is_main:
+        try:
+            status = prepare_output(out_dir, fingerprint, len(items), chunk_size, overwrite)
+        except TokenDatasetError as e:
+            status = f"error: {e}"
+    status, main_fp = dist.broadcast((status, fingerprint))
+    if main_fp != fingerprint:
+        raise TokenDatasetError(f"rank {dist.rank} sees another file list or tokenizer than rank 0")
+    if status.startswith("error: "):
+        raise TokenDatasetError(status[len("error: "):])
+    if status == "done":
+        if dist.is_main:
+            log.info("%s already holds this token dataset (pass --overwrite to rebuild)", out_dir)
+        with open(out_dir / META_FILE) as f:
+            return json.load(f)
+
+    partial = out_dir / PARTIAL_DIR
+    pending = [c for c in range(n_chunks) if not chunk_path(partial, c).is_file()]
+    mine = pending[dist.rank::dist.world]  # round robin over what is left, so resumes stay balanced
+    if dist.is_main:
+        log.info("%d files in %d classes -> %d chunks of %d: %d finished, %d to do on %d process(es)",
+                 len(items), len(classes), n_chunks, chunk_size, n_chunks - len(pending), len(pending), dist.world)
+    dataset = ImageFileDataset(image_root, items, resolution)
+    compute_chunks(model, dataset, mine, partial, fingerprint, chunk_size=chunk_size, flip=flip,
+                   batch_size=batch_size, workers=workers, device=device, show_progress=dist.is_main,
+                   stop_after_chunks=stop_after_chunks)
+    dist.barrier()
+    if not dist.is_main:
+        return {}
+    ckpt = str(tok_cfg.checkpoint)
+    meta = {"format": "ka-mig-tokens", "format_version": FORMAT_VERSION, "codebook_size": model.codebook_size,
+            "grid": model.grid_size, "seq_len": tokens_per_image(model), "resolution": resolution,
+            "tokenizer_checkpoint": ckpt, "tokenizer_sha256": tok_sha, "tokenizer": model.config_dict(),
+            "class_names": classes, "num_classes": len(classes), "num_files": len(items),
+            "rows_per_image": 2 if flip else 1, "flip": flip, "source": str(image_root),
+            "chunk_size": chunk_size, "fingerprint": fingerprint}
+    meta = merge_chunks(out_dir, n_chunks, fingerprint, items, meta)
+    if meta["skipped"]:
+        log.warning("skipped %d unreadable file(s) (listed in %s):%s", meta["num_skipped"], out_dir / META_FILE,
+                    "".join(f"\n  {s['file']}: {s['reason']}" for s in meta["skipped"][:20]))
+    if not keep_partial:
+        shutil.rmtree(partial, ignore_errors=True)
+    log.info("wrote %d rows (%d images x %d) of %d tokens to %s", meta["num_rows"], meta["num_images"],
+             meta["rows_per_image"], meta["seq_len"], out_dir)
+    return meta

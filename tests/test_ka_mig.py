@@ -1,0 +1,192 @@
+"""KA-MIG model: manifest, zero-init equivalence, GCN vs torch_geometric, gathering, bad graphs."""
+import pickle
+
+import pytest
+import torch
+
+from libs.autonat import AutoNAT
+from libs.checkpoint import load_state_dict_file, load_strict
+from libs.ka_mig import GCNConv, GraphConfig, KAMIG, gcn_norm, incompatibility_rows, unpack_bits
+from tests.helpers import OFFICIAL_GRAPHS, manifest, read_manifest, tiny_backbone
+
+K, L, C = 32, 16, 4
+
+
+def random_graph(num_nodes, n_edges, seed, self_loops):
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, num_nodes, (2, n_edges), generator=g)
+    if self_loops:
+        loops = torch.arange(0, num_nodes, 2)
+        index = torch.cat([index, torch.stack([loops, loops])], 1)
+    else:
+        index = index[:, index[0] != index[1]]
+    return index, torch.rand(index.shape[1], generator=g) + 0.1
+
+
+def random_occurrence(seed, classes=C, seq_len=L, K=K):
+    g = torch.Generator().manual_seed(seed)
+    occurs = torch.rand(classes, seq_len, K, generator=g) < 0.6
+    occurs[0, 0] = True  # one (class, position) where every token occurs
+    padded = torch.zeros(classes, seq_len, (K + 7) // 8 * 8, dtype=torch.bool)
+    padded[..., :K] = occurs
+    weights = 2 ** torch.arange(8)
+    packed = (padded.view(classes, seq_len, -1, 8).long() * weights).sum(-1).to(torch.uint8)
+    return occurs, packed
+
+
+def tiny_graphs(seed=0):
+    return dict(co=random_graph(K, 120, seed, True), sim=random_graph(K, 60, seed + 1, False),
+                incompat=random_occurrence(seed)[1])
+
+
+def tiny_ka_mig(graph_cfg=None, seed=0):
+    backbone = tiny_backbone(seed=seed)
+    model = KAMIG(backbone.cfg, graph_cfg or GraphConfig(gcn_hidden=32), tiny_graphs())
+    missing = load_strict(model, backbone.state_dict(), allow_missing=("graph_layer.",))
+    assert missing and all(k.startswith("graph_layer.") for k in missing)
+    return model.eval(), backbone
+
+
+def randomise_fusion(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.graph_layer.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_full_size_manifest_and_backbone_load():
+    with torch.device("meta"):
+        model = KAMIG()
+        backbone = AutoNAT()
+    assert manifest(model) == read_manifest("ka_mig_autonat_l.txt")
+    expected_missing = [k for k in model.state_dict() if k.startswith("graph_layer.")]
+    own = set(model.state_dict())
+    assert [k for k in backbone.state_dict() if k not in own] == []
+    assert len(expected_missing) == 428 - 314
+
+
+def test_zero_initialised_fusion_equals_backbone_exactly():
+    model, backbone = tiny_ka_mig()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, K, (8, L), generator=g)
+    ids[torch.rand(8, L, generator=g) < 0.5] = K  # with masks
+    ids[0] = K
+    cls = torch.tensor([0, 1, 2, 3, 4, 4, 0, 2])  # includes the null class
+    assert torch.equal(model(ids, cls), backbone(ids, cls))
+
+
+def test_ka_mig_checkpoint_round_trip_strict(tmp_path):
+    model, _ = tiny_ka_mig()
+    randomise_fusion(model)
+    torch.save(model.state_dict(), tmp_path / "graph_nnet_ema.pth")
+    other, _ = tiny_ka_mig(seed=3)
+    load_strict(other, load_state_dict_file(tmp_path / "graph_nnet_ema.pth"))
+    ids, cls = torch.randint(0, K + 1, (2, L)), torch.tensor([1, 4])
+    assert torch.equal(model(ids, cls), other(ids, cls))
+
+
+def pyg_conv(ours, num_nodes):
+    from torch_geometric.nn import GCNConv as PygGCNConv
+    conv = PygGCNConv(ours.lin.in_features, ours.lin.out_features)
+    with torch.no_grad():
+        conv.lin.weight.copy_(ours.lin.weight)
+        conv.bias.copy_(ours.bias)
+    return conv
+
+
+@pytest.mark.parametrize("self_loops", [True, False])
+def test_gcn_layer_equals_torch_geometric_on_random_graphs(self_loops):
+    torch.manual_seed(0)
+    ours = GCNConv(16, 8)
+    torch.nn.init.normal_(ours.bias)
+    index, weight = random_graph(40, 300, 5, self_loops)
+    x = torch.randn(40, 16)
+    adj_index, adj_weight = gcn_norm(index, weight, 40)
+    adj = torch.sparse_coo_tensor(adj_index, adj_weight, (40, 40), check_invariants=False).coalesce()
+    expected = pyg_conv(ours, 40)(x, index, weight)
+    torch.testing.assert_close(ours(x, adj), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["codebook_co_occurrence_norm_self_50.pkl", "codebook_replace_graph_norm_self.pkl"])
+def test_gcn_layer_equals_torch_geometric_on_released_graphs(name):
+    with open(OFFICIAL_GRAPHS / name, "rb") as f:
+        index, weight = pickle.load(f)
+    torch.manual_seed(0)
+    ours = GCNConv(64, 64)
+    torch.nn.init.normal_(ours.bias)
+    x = torch.randn(1024, 64)
+    adj_index, adj_weight = gcn_norm(index, weight.float(), 1024)
+    adj = torch.sparse_coo_tensor(adj_index, adj_weight, (1024, 1024), check_invariants=False).coalesce()
+    expected = pyg_conv(ours, 1024)(x, index, weight.float())
+    torch.testing.assert_close(ours(x, adj), expected, atol=1e-5, rtol=0)
+
+
+def test_mask_gathers_nothing_and_null_class_has_no_prior():
+    model, _ = tiny_ka_mig()
+    randomise_fusion(model)
+    ids = torch.randint(0, K, (3, L))
+    ids[:, ::2] = K
+    cls = torch.tensor([4, 1, 4])
+    feats = model.graph_features(ids, cls)
+    masked = ids == K
+    assert torch.all(feats.co[masked] == 0) and torch.all(feats.sim[masked] == 0)
+    assert feats.co[~masked].abs().sum() > 0
+    assert torch.all(feats.prior[cls == 4] == 0) and feats.prior[1].abs().sum() > 0
+    # positive terms vanish at [MASK] places even with non-zero conv biases
+    no_prior = KAMIG(model.cfg, GraphConfig(gcn_hidden=32, use_incompat=False), tiny_graphs())
+    no_prior.load_state_dict(model.state_dict(), strict=False)
+    feats = no_prior.graph_features(ids, cls)
+    for j in range(len(no_prior.blocks)):
+        term = no_prior.injection(j, feats, torch.float32)
+        assert torch.all(term[:, 0] == 0)              # class position
+        assert torch.all(term[:, 1:][masked] == 0)      # masked places
+        assert term[:, 1:][~masked].abs().sum() > 0
+
+
+def test_prior_rows_from_packed_bits():
+    occurs, packed = random_occurrence(2)
+    assert torch.equal(unpack_bits(packed, K), occurs)
+    rows = incompatibility_rows(occurs)
+    sums = rows.sum(-1)
+    any_incompat = (~occurs).any(-1)
+    torch.testing.assert_close(sums[any_incompat], torch.ones(int(any_incompat.sum())))
+    assert torch.all(sums[~any_incompat] == 0)
+    model, _ = tiny_ka_mig()
+    randomise_fusion(model)
+    cls = torch.tensor([2, 0, 2, 4])
+    projected = model.graph_layer.pos_neg_codebook_graph_layer.project(model.token_emb.word_embeddings.weight[:K])
+    dense = torch.cat([incompatibility_rows(unpack_bits(tiny_graphs()["incompat"], K)), torch.zeros(1, L, K)])
+    torch.testing.assert_close(model.class_prior(cls), dense[cls] @ projected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("flags,absent", [(dict(use_co=False), "co_graph_layer"),
+                                          (dict(use_sim=False), "re_graph_layer"),
+                                          (dict(use_incompat=False), "zero_convs_pos")])
+def test_ablation_switches_remove_modules_and_still_run(flags, absent):
+    model, backbone = tiny_ka_mig(GraphConfig(gcn_hidden=32, **flags))
+    assert not any(absent in k for k in model.state_dict())
+    ids, cls = torch.randint(0, K + 1, (2, L)), torch.tensor([0, 4])
+    assert torch.equal(model(ids, cls), backbone(ids, cls))
+    randomise_fusion(model)
+    assert not torch.equal(model(ids, cls), backbone(ids, cls))
+
+
+def test_graphs_of_the_wrong_size_are_refused():
+    backbone = tiny_backbone()
+    graphs = tiny_graphs()
+    graphs["co"] = random_graph(64, 100, 0, True)
+    with pytest.raises(ValueError, match="has 64 nodes.*codebook size is 32"):
+        KAMIG(backbone.cfg, GraphConfig(gcn_hidden=32), graphs)
+    graphs = tiny_graphs()
+    graphs["incompat"] = random_occurrence(0, seq_len=9)[1]
+    with pytest.raises(ValueError, match=r"\(4, 9, 4\).*\(4, 16, 4\)"):
+        KAMIG(backbone.cfg, GraphConfig(gcn_hidden=32), graphs)
+    model = KAMIG(backbone.cfg, GraphConfig(gcn_hidden=32))
+    with pytest.raises(RuntimeError, match="set_graphs"):
+        model(torch.zeros(1, L, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+
+
+def test_graph_buffers_are_not_persistent():
+    model, _ = tiny_ka_mig()
+    assert not any("adj" in k or "occurrence" in k for k in model.state_dict())
+    assert any("adj" in name for name, _ in model.named_buffers())
