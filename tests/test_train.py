@@ -1,0 +1,160 @@
+"""Training: frozen backbone in ka_mig mode, exact resume, loss goes down, 2-process torchrun + kill."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from configs import tiny
+from libs.ka_mig import GraphConfig, KAMIG
+from libs.checkpoint import load_state_dict_file, load_strict
+from libs.train import Trainer, build_model
+from tests.helpers import tiny_backbone
+from tests.test_ka_mig import tiny_graphs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_tokens(n=512, seed=0):
+    """Class c uses codes 8c..8c+7, and position p prefers (p mod 8): learnable structure."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    noise = rng.integers(0, 8, (n, 16))
+    pattern = np.arange(16) % 8
+    tokens = np.where(rng.random((n, 16)) < 0.7, pattern, noise) + labels[:, None] * 8
+    return tokens.astype(np.uint16), labels.astype(np.int64)
+
+
+def write_token_dir(path, n=512):
+    import json
+    tokens, labels = synthetic_tokens(n)
+    path.mkdir(parents=True)
+    np.save(path / "tokens.npy", tokens)
+    np.save(path / "labels.npy", labels)
+    meta = dict(codebook_size=32, grid=4, seq_len=16, num_classes=4, resolution=8, class_names=list("abcd"),
+                num_images=n, rows_per_image=1, skipped=[])
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def tiny_config(tmp_path, mode="pretrain", **train):
+    config = tiny.get_config()
+    config.output_dir = str(tmp_path / "out")
+    config.train.mode = mode
+    config.train.log_interval = 1000
+    for k, v in train.items():
+        config.train[k] = v
+    return config
+
+
+def ka_mig_trainer(tmp_path, **train):
+    config = tiny_config(tmp_path, "ka_mig", **train)
+    backbone = tiny_backbone(depth=2)
+    path = tmp_path / "backbone.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(backbone.state_dict(), path)
+    config.train.init_checkpoint = str(path)
+    tokens, labels = synthetic_tokens()
+    return Trainer(config, tokens, labels, graphs=tiny_graphs()), backbone
+
+
+def test_ka_mig_mode_trains_only_graph_modules_and_head(tmp_path):
+    trainer, backbone = ka_mig_trainer(tmp_path, n_steps=3, save_interval=100)
+    trainer.fit()
+    model = trainer.unwrapped
+    frozen = {k: v for k, v in backbone.state_dict().items() if not k.startswith("mlm_layer.")}
+    for name, p in model.named_parameters():
+        if name.startswith(("graph_layer.", "mlm_layer.")):
+            assert p.requires_grad
+        else:
+            assert not p.requires_grad and p.grad is None, name
+            assert torch.equal(p, frozen[name]), name  # bit-identical after training
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert optimised == {id(p) for n, p in model.named_parameters() if n.startswith(("graph_layer.", "mlm_layer."))}
+    assert set(trainer.ema) == set(trainer.trained_names)
+    changed = [n for n, p in model.named_parameters() if n.startswith("graph_layer.zero_convs.")
+               and p.abs().sum() > 0]
+    assert changed  # the zero convs did move
+    exported = load_state_dict_file(trainer.run_dir / "model_ema.pth")
+    fresh = KAMIG(model.cfg, GraphConfig(gcn_hidden=32), tiny_graphs())
+    load_strict(fresh, exported)  # the export loads strictly, like graph_nnet_ema.pth
+
+
+def test_resume_is_bit_identical(tmp_path):
+    a, _ = ka_mig_trainer(tmp_path / "a", n_steps=6, save_interval=3)
+    a.fit()
+    b, _ = ka_mig_trainer(tmp_path / "b", n_steps=6, save_interval=3)
+    b.fit(stop_after=3)
+    c, _ = ka_mig_trainer(tmp_path / "b", n_steps=6, save_interval=3)  # a new process would do this
+    assert c.step == 0
+    c.fit()
+    assert c.step == 6
+    for n, v in a.trained_state().items():
+        assert torch.equal(v, c.trained_state()[n]), n
+        assert torch.equal(a.ema[n], c.ema[n]), n
+
+
+def test_truncated_checkpoint_is_skipped(tmp_path, capsys):
+    a, _ = ka_mig_trainer(tmp_path, n_steps=4, save_interval=2, keep_checkpoints=5)
+    a.fit()
+    ckpts = sorted((a.run_dir / "checkpoints").glob("step_*.pt"))
+    data = ckpts[-1].read_bytes()
+    ckpts[-1].write_bytes(data[: len(data) // 2])
+    b, _ = ka_mig_trainer(tmp_path, n_steps=4, save_interval=2, keep_checkpoints=5)
+    b.resume()
+    assert b.step == 2
+    assert "skipping unreadable checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "ka_mig"])
+def test_loss_decreases(tmp_path, mode):
+    if mode == "pretrain":
+        config = tiny_config(tmp_path, n_steps=150, batch_size=32, save_interval=1000, lr=2e-3)
+        tokens, labels = synthetic_tokens()
+        trainer = Trainer(config, tokens, labels)
+    else:
+        # only the graph modules and the head learn on top of a frozen random backbone: a smaller drop
+        trainer, _ = ka_mig_trainer(tmp_path, n_steps=150, batch_size=32, save_interval=1000, lr=5e-3)
+    losses = []
+    for _ in range(150):
+        losses.append(trainer.train_step()["loss"])
+    first, last = np.mean(losses[:20]), np.mean(losses[-20:])
+    assert last < first - (0.3 if mode == "pretrain" else 0.1), (first, last)
+
+
+def test_missing_backbone_names_the_asset(tmp_path):
+    config = tiny_config(tmp_path, "ka_mig")
+    config.train.init_checkpoint = str(tmp_path / "assets" / "nnet_ema.pth")
+    with pytest.raises(FileNotFoundError, match="nnet_ema.pth"):
+        build_model(config, graphs=tiny_graphs())
+
+
+def run_torchrun(tmp_path, data, out, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=localhost:0", "train_graph.py", "--config", "configs/tiny.py",
+           f"--config.data.path={data}", f"--config.output_dir={out}", "--config.train.n_steps=6",
+           "--config.train.save_interval=3", "--config.train.batch_size=16", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_process_torchrun_killed_and_resumed_matches_uninterrupted(tmp_path):
+    data = write_token_dir(tmp_path / "tokens")
+    full = run_torchrun(tmp_path, data, tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "2 processes" in full.stdout + full.stderr
+    crashed = run_torchrun(tmp_path, data, tmp_path / "resumed", ["--crash-after-step=3"])
+    assert crashed.returncode != 0
+    assert not (tmp_path / "resumed" / "tiny" / "model_ema.pth").exists()
+    resumed = run_torchrun(tmp_path, data, tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    a = torch.load(tmp_path / "full" / "tiny" / "model_ema.pth")
+    b = torch.load(tmp_path / "resumed" / "tiny" / "model_ema.pth")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca = torch.load(tmp_path / "full" / "tiny" / "checkpoints" / "step_0000006.pt", weights_only=False)
+    cb = torch.load(tmp_path / "resumed" / "tiny" / "checkpoints" / "step_0000006.pt", weights_only=False)
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
