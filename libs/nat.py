@@ -101,8 +101,17 @@ def schedule_from_config(cfg) -> Schedule:
     raise ValueError(f"unknown schedule '{cfg.schedule}' (autonat or maskgit)")
 
 
+def uniform(shape, generator, device):
+    """U(0,1) noise; `generator` may be one torch.Generator or a list with one per batch row."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in generator])
+    return torch.rand(shape, generator=generator, device=device)
+
+
 def gumbel(shape, generator, device):
-    u = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1.0)
+    u = uniform(shape, generator, device).clamp_(1e-20, 1.0)
     return -torch.log((-torch.log(u)).clamp_min(1e-20))  # standard Gumbel(0, 1)
 
 
@@ -120,7 +129,11 @@ def guided_logits(model: Callable, ids, class_ids, scale: float, null_class_id: 
 def generate(model: Callable, class_ids: torch.Tensor, schedule: Schedule, *, seq_len: int,
              mask_token_id: int, null_class_id: int, generator: Optional[torch.Generator] = None,
              record: Optional[list] = None) -> torch.Tensor:
-    """Parallel decoding from all-[MASK]; returns ids [B,L] in [0, K). `record` gets ids after each step."""
+    """Parallel decoding from all-[MASK]; returns ids [B,L] in [0, K). `record` gets ids after each step.
+
+    `generator`: one torch.Generator for the batch, or a list of one per sample (per-index seeding:
+    a sample's noise then does not depend on which other samples share its batch).
+    """
     class_ids = class_ids.view(-1).long()
     B, device = class_ids.shape[0], class_ids.device
     ids = torch.full((B, seq_len), mask_token_id, dtype=torch.long, device=device)

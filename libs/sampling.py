@@ -1,0 +1,145 @@
+"""Image generation shared by generate_img.py, generate_npz.py and periodic FID: model, labels, PNGs."""
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from libs.autonat import AutoNAT, backbone_config, check_tokenizer_matches
+from libs.checkpoint import atomic_write, load_state_dict_file, load_strict
+from libs.nat import generate, schedule_from_config
+from libs.vqgan import load_tokenizer, tokenizer_config
+
+DEFAULT_CHECKPOINTS = {"ka_mig": "assets/graph_nnet_ema.pth", "autonat": "assets/nnet_ema.pth"}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(name=None) -> torch.device:
+    """cuda if available (or as asked), else cpu."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_sampling_model(config, kind="ka_mig", checkpoint=None, device="cpu", graphs=None):
+    """KA-MIG (`graph_nnet_ema.pth` layout) or bare AutoNAT (`nnet_ema.pth`), loaded strictly, eval mode."""
+    checkpoint = checkpoint or DEFAULT_CHECKPOINTS[kind]
+    if kind == "ka_mig":
+        from libs.ka_mig import KAMIG, graph_config
+        from libs.train import load_graphs
+        model = KAMIG(backbone_config(config.model), graph_config(config.graph),
+                      load_graphs(config.graph) if graphs is None else graphs)
+    elif kind == "autonat":
+        model = AutoNAT(backbone_config(config.model))
+    else:
+        raise ValueError(f"unknown model kind '{kind}' (ka_mig or autonat)")
+    load_strict(model, load_state_dict_file(checkpoint), source=str(checkpoint))
+    return model.eval().requires_grad_(False).to(device)
+
+
+def load_models(config, kind, checkpoint, device, graphs=None):
+    """(tokenizer, model) with the codebook/grid check done before any weights are read."""
+    tok = tokenizer_config(config.tokenizer)
+    check_tokenizer_matches(tok.codebook_size, tok.grid_size, backbone_config(config.model))
+    tokenizer = load_tokenizer(config.tokenizer, device=device)
+    return tokenizer, load_sampling_model(config, kind, checkpoint, device, graphs)
+
+
+def class_labels(num: int, num_classes: int, mode="balanced", seed=0) -> np.ndarray:
+    """Labels of sample indices 0..num-1: balanced (index i -> i mod C) or seeded uniform random."""
+    if mode == "balanced":
+        return np.arange(num) % num_classes
+    if mode == "random":
+        return np.random.default_rng(seed).integers(0, num_classes, num)
+    raise ValueError(f"unknown label mode '{mode}' (balanced or random)")
+
+
+def index_generators(indices, seed, device) -> list:
+    """One torch.Generator per global sample index, so a sample does not depend on its batch mates."""
+    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+
+
+@torch.no_grad()
+def sample_images(model, tokenizer, class_ids, schedule, generators, precision="fp32") -> np.ndarray:
+    """Class ids [B] -> uint8 images [B,H,W,3] (decoded tokens, quantised as they are saved)."""
+    device = class_ids.device
+    dtype = PRECISIONS[precision]
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        ids = generate(model, class_ids, schedule, seq_len=model.cfg.seq_len, mask_token_id=model.mask_token_id,
+                       null_class_id=model.null_class_id, generator=generators)
+    images = tokenizer.decode(ids).float()  # [B,3,H,W] in [0,1]
+    return (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_png(path, image: np.ndarray):
+    """Atomic PNG write of one uint8 [H,W,3] image."""
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
+def png_ok(path) -> bool:
+    """True if `path` exists and decodes."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - any unreadable file counts as missing
+        return False
+
+
+def labelled_grid(images: np.ndarray, labels, names=None, columns=None) -> Image.Image:
+    """A grid PNG of uint8 [N,H,W,3] with one 'class k' caption above each image."""
+    n, h, w, _ = images.shape
+    columns = columns or min(n, 8)
+    rows = math.ceil(n / columns)
+    caption = 14
+    grid = Image.new("RGB", (columns * w, rows * (h + caption)), "white")
+    draw = ImageDraw.Draw(grid)
+    for k in range(n):
+        r, c = divmod(k, columns)
+        grid.paste(Image.fromarray(images[k]), (c * w, r * (h + caption) + caption))
+        text = names[int(labels[k])] if names else f"class {int(labels[k])}"
+        draw.text((c * w + 2, r * (h + caption) + 1), str(text)[: max(4, w // 6)], fill="black")
+    return grid
+
+
+def schedule_from_flags(config, schedule=None, steps=None, cfg_scale=None, temp=None):
+    """The config's sampling schedule, with optional --schedule/--steps/--cfg/--temp overrides."""
+    sample = config.sample
+    with sample.unlocked():
+        if schedule:
+            sample.schedule = schedule
+        if steps is not None:
+            sample.steps = steps
+        if cfg_scale is not None:
+            sample.cfg_scale = cfg_scale
+        if temp is not None:
+            sample.temp = temp
+    return schedule_from_config(sample)
+
+
+def add_sampling_flags(parser):
+    """Flags shared by the two generation scripts."""
+    parser.add_argument("--model", choices=["ka_mig", "autonat"], default="ka_mig",
+                        help="KA-MIG (graph_nnet_ema.pth) or the bare AutoNAT backbone (nnet_ema.pth)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="weights (default assets/graph_nnet_ema.pth or assets/nnet_ema.pth by --model)")
+    parser.add_argument("--schedule", choices=["autonat", "maskgit"], default=None,
+                        help="decoding schedule (default: the config's AutoNAT T=8 strategy)")
+    parser.add_argument("--steps", type=int, default=None, help="maskgit schedule: number of steps T")
+    parser.add_argument("--cfg", type=float, default=None, help="maskgit schedule: guidance scale")
+    parser.add_argument("--temp", type=float, default=None, help="maskgit schedule: confidence temperature")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="autocast dtype of the token model (the tokenizer decodes in fp32)")
+
+
+def class_names_of(config) -> list:
+    """Class names from the token dataset's meta.json when present (else None)."""
+    import json
+    meta = Path(config.data.path) / "meta.json" if config.data.path else None
+    if meta is not None and meta.is_file():
+        return json.loads(meta.read_text()).get("class_names")
+    return None
