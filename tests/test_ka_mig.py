@@ -190,3 +190,47 @@ def test_graph_buffers_are_not_persistent():
     model, _ = tiny_ka_mig()
     assert not any("adj" in k or "occurrence" in k for k in model.state_dict())
     assert any("adj" in name for name, _ in model.named_buffers())
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(use_co=False), dict(use_incompat=False),
+                                   dict(use_co=False, use_sim=False)])
+def test_cached_inference_path_equals_reference(flags):
+    model, _ = tiny_ka_mig(GraphConfig(gcn_hidden=32, **flags))
+    randomise_fusion(model)
+    ids = torch.randint(0, K + 1, (6, L))
+    cls = torch.tensor([0, 1, 2, 4, 4, 3])
+    with torch.no_grad():
+        model.use_inference_cache = False
+        reference = model(ids, cls)
+        model.use_inference_cache = True
+        fast = model(ids, cls)
+        again = model(ids, cls)  # served from the cache
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+    assert torch.equal(fast, again)
+
+
+def test_inference_cache_is_invalidated_by_weight_changes():
+    model, _ = tiny_ka_mig()
+    ids, cls = torch.randint(0, K + 1, (2, L)), torch.tensor([1, 2])
+    with torch.no_grad():
+        before = model(ids, cls)
+        randomise_fusion(model)  # in-place parameter update (like an optimizer step)
+        after = model(ids, cls)
+        model.use_inference_cache = False
+        reference = model(ids, cls)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, reference, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        model.use_inference_cache = True
+        other = model(ids, torch.tensor([3, 0]))  # new classes -> new class terms
+        model.use_inference_cache = False
+        torch.testing.assert_close(other, model(ids, torch.tensor([3, 0])), atol=1e-5, rtol=0)
+
+
+def test_training_mode_and_grad_bypass_the_cache():
+    model, _ = tiny_ka_mig()
+    model.train()
+    ids, cls = torch.randint(0, K + 1, (2, L)), torch.tensor([1, 2])
+    model(ids, cls).sum().backward()
+    assert "_inference_cache" not in model.__dict__
+    assert model.graph_layer.zero_convs[0].weight.grad is not None
