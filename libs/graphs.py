@@ -68,8 +68,11 @@ def run_chunks(fn, slices, num_threads=None, progress=None):
     if num_threads <= 1 or len(slices) <= 1:
         yield from wrap((fn(s) for s in slices), total=len(slices))
         return
-    with ThreadPoolExecutor(num_threads) as pool:
+    pool = ThreadPoolExecutor(num_threads)
+    try:
         yield from wrap(pool.map(fn, slices), total=len(slices))
+    finally:  # on an error (e.g. a bad id in one chunk) the chunks not yet started are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -84,26 +87,31 @@ def sample_image_indices(n: int, max_images, seed: int = 0) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- G_co
 
-def co_occurrence_counts(maps, codebook_size: int, neighbourhood: int = 8, chunk: int = 8192,
+def co_occurrence_counts(maps, codebook_size: int, neighbourhood: int = 8, chunk: int = 4096,
                          num_threads=None, progress=None) -> np.ndarray:
     """[K,K] int64 counts of ordered (centre, neighbour) pairs over the 4/8-neighbourhood (no wrap)."""
     if neighbourhood not in HALF_OFFSETS:
         raise ValueError(f"neighbourhood must be 4 or 8, got {neighbourhood}")
     n, h, w = check_maps(maps, codebook_size)
     K = int(codebook_size)
-    index_dtype = np.int64
+    index_dtype = np.int32 if K * K < 2 ** 31 else np.int64  # int32 halves the memory traffic
+    offsets = HALF_OFFSETS[neighbourhood]
+    sizes = [max(0, h - abs(dy)) * max(0, w - abs(dx)) for dy, dx in offsets]  # pairs per map
 
     def count(s):
         m = np.asarray(maps[s])  # [n,h,w], read from a memmap chunk by chunk
         check_ids(m, K)
-        m = m.astype(index_dtype)
-        pairs = []
-        for dy, dx in HALF_OFFSETS[neighbourhood]:
+        m = np.ascontiguousarray(m.transpose(1, 2, 0), dtype=index_dtype)  # [h,w,n] position-major
+        centre_k = m * K  # [h,w,n]
+        pairs = np.empty((sum(sizes), m.shape[2]), dtype=index_dtype)  # [pairs per map, n]
+        start = 0
+        for (dy, dx), size in zip(offsets, sizes):
             # centres at (y, x), neighbours at (y+dy, x+dx), both inside the grid
-            centre = m[:, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
-            neigh = m[:, max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
-            pairs.append((centre * K + neigh).ravel())
-        return np.bincount(np.concatenate(pairs), minlength=K * K)  # [K*K]
+            centre = centre_k[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]  # [h',w',n]
+            neigh = m[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]  # [h',w',n]
+            np.add(centre, neigh, out=pairs[start:start + size].reshape(centre.shape))
+            start += size
+        return np.bincount(pairs.ravel(), minlength=K * K)  # [K*K] centre*K + neighbour
 
     half = np.zeros(K * K, dtype=np.int64)
     for c in run_chunks(count, chunk_slices(n, chunk), num_threads, progress):
@@ -168,28 +176,55 @@ def position_histograms(maps, codebook_size: int, chunk: int = 16384, num_thread
     return hist.reshape(K, L)
 
 
-def position_distributions(hist) -> torch.Tensor:
+def position_distributions(hist) -> np.ndarray:
     """float64 [K,L]: rows min-max normalised (constant rows -> 0), / Frobenius norm, row softmax."""
-    x = torch.as_tensor(np.asarray(hist), dtype=torch.float64)  # [K,L]
-    lo, hi = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+    x = np.asarray(hist, dtype=np.float64)  # [K,L]
+    lo, hi = x.min(1, keepdims=True), x.max(1, keepdims=True)
     span = hi - lo
-    x = torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(x))
-    norm = torch.linalg.norm(x)
+    x = np.where(span > 0, (x - lo) / np.where(span > 0, span, 1.0), 0.0)
+    norm = np.linalg.norm(x)
     if norm > 0:
         x = x / norm
-    return torch.softmax(x, dim=1)
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
 
 
-def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Natural-log JS divergence between rows of p [A,L] and q [B,L] (all entries > 0) -> [A,B]."""
+def jensen_shannon(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Natural-log JS divergence between the rows of p [A,L] and q [B,L] (entries > 0) -> [A,B].
+
+    Uses 0.5 * sum(p log a + q log(2 - a)) with a = 2p/(p+q) = p/m: the logs are of ratios near 1,
+    so nearly equal distributions keep their tiny divergence (no difference of entropies).
+    """
     p, q = p[:, None, :], q[None, :, :]  # [A,1,L], [1,B,L]
-    r = (q - p) / (q + p)  # [A,B,L]; log(p/m) = log1p(-r), log(q/m) = log1p(r), exact near p = q
-    js = 0.5 * (p * torch.log1p(-r) + q * torch.log1p(r)).sum(-1)  # [A,B]
-    return js.clamp_min(0.0)
+    a = p + q  # [A,B,L]
+    np.divide(2.0 * p, a, out=a)  # p/m
+    b = np.subtract(2.0, a)  # q/m
+    np.log(a, out=a)
+    np.log(b, out=b)
+    a *= p
+    b *= q
+    a += b
+    return np.maximum(0.5 * a.sum(-1), 0.0)  # [A,B]
+
+
+def jensen_shannon_matrix(p: np.ndarray, chunk: int = 8, num_threads=None, progress=None) -> np.ndarray:
+    """[K,K] JS divergences between all rows of p [K,L]; each pair is computed once (upper triangle)."""
+    K = p.shape[0]
+    js = np.empty((K, K))
+
+    def fill(s):
+        block = jensen_shannon(p[s], p[s.start:])  # [B, K - start]: rows s against s.start..K-1
+        js[s, s.start:] = block
+        js[s.start:, s] = block.T  # symmetric; chunks write disjoint cells, so threads never collide
+
+    for _ in run_chunks(fill, chunk_slices(K, chunk), num_threads, progress):
+        pass
+    return js
 
 
 def similarity_graph(hist, k: int = DEFAULT_SIM_K, alpha: float = DEFAULT_SIM_ALPHA,
-                     measure: str = "distance", chunk: int = 64, dtype=np.float64, progress=None):
+                     measure: str = "distance", chunk: int = 8, dtype=np.float64, num_threads=None,
+                     progress=None):
     """G_s from position histograms [K,L]: each token -> its k nearest other tokens, weight exp(-alpha*d).
 
     d is the Jensen-Shannon measure between the tokens' position distributions (natural log):
@@ -208,32 +243,26 @@ def similarity_graph(hist, k: int = DEFAULT_SIM_K, alpha: float = DEFAULT_SIM_AL
     K = hist.shape[0]
     if not 1 <= k < K:
         raise ValueError(f"k must be in [1, K-1] = [1, {K - 1}], got {k}")
-    p = position_distributions(hist)  # [K,L]
-    nearest, measures = [], []
-    wrap = progress or (lambda it, **kw: it)
-    for s in wrap(chunk_slices(K, chunk), total=len(chunk_slices(K, chunk))):
-        d = jensen_shannon(p[s], p)  # [B,K]
-        if measure == "distance":
-            d = d.sqrt()
-        d[torch.arange(d.shape[0]), torch.arange(s.start, s.stop)] = float("inf")  # not itself
-        order = np.argsort(d.numpy(), axis=1, kind="stable")[:, :k]  # [B,k] smallest, ties by id
-        nearest.append(order)
-        measures.append(np.take_along_axis(d.numpy(), order, axis=1))
-    nearest, measures = np.concatenate(nearest), np.concatenate(measures)  # [K,k]
-    order = np.argsort(nearest, axis=1, kind="stable")  # row-major edge order: targets ascending
-    dst = np.take_along_axis(nearest, order, axis=1).ravel()  # [K*k]
-    weight = np.exp(-alpha * np.take_along_axis(measures, order, axis=1)).ravel()  # [K*k]
+    d = jensen_shannon_matrix(position_distributions(hist), chunk, num_threads, progress)  # [K,K]
+    if measure == "distance":
+        np.sqrt(d, out=d)
+    np.fill_diagonal(d, np.inf)  # never its own neighbour
+    nearest = np.argsort(d, axis=1, kind="stable")[:, :k]  # [K,k] smallest, ties -> smaller id
+    nearest.sort(axis=1)  # row-major edge order: targets ascending
+    weight = np.exp(-alpha * np.take_along_axis(d, nearest, axis=1))  # [K,k]
     src = np.repeat(np.arange(K), k)
-    return add_self_loops_and_scale(src, dst, weight, K, dtype)
+    return add_self_loops_and_scale(src, nearest.ravel(), weight.ravel(), K, dtype)
 
 
 # ----------------------------------------------------------------------------- G_p
 
 def occurrence_bits(maps, labels, num_classes: int, codebook_size: int, chunk: int = 16384,
-                    num_threads=None, progress=None) -> np.ndarray:
+                    block_bytes: int = 4 << 20, num_threads=None, progress=None) -> np.ndarray:
     """uint8 [C, h*w, ceil(K/8)]: bit (c, i, t) set iff token t occurs at position i in a map of class c.
 
     Bits are np.packbits(..., bitorder='little') along the token axis: token t is bit t%8 of byte t//8.
+    Maps are visited class block by class block (a few classes whose [c,L,K] bools fit in cache), so
+    the scattered writes stay local.
     """
     n, h, w = check_maps(maps, codebook_size)
     labels = np.asarray(labels)
@@ -245,18 +274,26 @@ def occurrence_bits(maps, labels, num_classes: int, codebook_size: int, chunk: i
         raise ValueError(f"labels lie in [{int(labels.min())}, {int(labels.max())}], outside the "
                          f"classes [0, {num_classes}) (the null class {num_classes} has no maps)")
     C, K, L = int(num_classes), int(codebook_size), h * w
-    occurs = np.zeros(C * L * K, dtype=bool)  # flat [C,L,K]
+    packed = np.zeros((C, L, math.ceil(K / 8)), dtype=np.uint8)
+    order = np.argsort(labels, kind="stable")  # [N] rows grouped by class
+    bounds = np.searchsorted(labels[order], np.arange(C + 1))  # class c owns order[bounds[c]:bounds[c+1]]
+    per_block = max(1, block_bytes // (L * K))  # classes per block
     pos = np.arange(L, dtype=np.int64) * K
 
-    def mark(s):
-        m = np.asarray(maps[s]).reshape(-1, L)  # [n,L]
-        check_ids(m, K)
-        flat = labels[s].astype(np.int64)[:, None] * (L * K) + pos + m.astype(np.int64)  # [n,L]
-        occurs[flat.ravel()] = True  # only ever sets True: concurrent chunks cannot conflict
+    def mark(s):  # s: a slice of classes
+        occurs = np.zeros((s.stop - s.start) * L * K, dtype=bool)  # flat [c,L,K] of this block
+        rows = order[bounds[s.start]:bounds[s.stop]]
+        for r in chunk_slices(len(rows), chunk):
+            idx = np.sort(rows[r])  # ascending rows read a memmap sequentially
+            m = np.asarray(maps[idx]).reshape(-1, L)  # [n,L]
+            check_ids(m, K)
+            flat = (labels[idx].astype(np.int64) - s.start)[:, None] * (L * K) + pos + m  # [n,L]
+            occurs[flat.ravel()] = True
+        packed[s] = np.packbits(occurs.reshape(-1, L, K), axis=-1, bitorder="little")
 
-    for _ in run_chunks(mark, chunk_slices(n, chunk), num_threads, progress):
+    for _ in run_chunks(mark, chunk_slices(C, per_block), num_threads, progress):
         pass
-    return np.packbits(occurs.reshape(C, L, K), axis=-1, bitorder="little")
+    return packed
 
 
 def dense_to_occurrence(dense) -> np.ndarray:
@@ -265,9 +302,11 @@ def dense_to_occurrence(dense) -> np.ndarray:
         dense = dense.detach().cpu().numpy()
     if getattr(dense, "ndim", None) != 3:
         raise ValueError(f"dense incompatibility must be [C,L,K], got shape {getattr(dense, 'shape', None)}")
-    out = [np.packbits(np.asarray(dense[s]) == 0, axis=-1, bitorder="little")  # [c,L,ceil(K/8)]
-           for s in chunk_slices(dense.shape[0], 32)]
-    return np.concatenate(out) if out else np.zeros((0,) + dense.shape[1:2] + (math.ceil(dense.shape[2] / 8),), np.uint8)
+    C, L, K = dense.shape
+    packed = np.zeros((C, L, math.ceil(K / 8)), dtype=np.uint8)
+    for s in chunk_slices(C, 32):  # a few classes at a time: a memory-mapped 1 GB tensor stays on disk
+        packed[s] = np.packbits(np.asarray(dense[s]) == 0, axis=-1, bitorder="little")  # [c,L,ceil(K/8)]
+    return packed
 
 
 def unpack_occurrence_torch(packed: torch.Tensor, codebook_size: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from libs.autonat import AutoNAT, AutoNATConfig
+from libs.graphs import incompatibility_rows, unpack_occurrence_torch
 
 
 @dataclass
@@ -92,22 +93,6 @@ def zero_conv(dim) -> nn.Conv1d:
 
 def conv1x1(conv: nn.Conv1d, x):  # x [B,L,dim] -> [B,L,dim]; a Conv1d(k=1) over the token axis
     return F.linear(x, conv.weight[:, :, 0], conv.bias)
-
-
-# ----------------------------------------------------------------------------- incompatibility prior
-
-
-def unpack_bits(packed: torch.Tensor, K: int) -> torch.Tensor:
-    """uint8 [..., ceil(K/8)] (little bit order) -> bool [..., K]."""
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    bits = (packed[..., None] >> shifts) & 1  # [..., K/8, 8]
-    return bits.flatten(-2)[..., :K].bool()
-
-
-def incompatibility_rows(occurs: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """occurs bool [..., L, K] -> G_p rows: 1/|I| on the never-seen tokens I, 0 elsewhere."""
-    never = (~occurs).to(dtype)
-    return never / never.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 # ----------------------------------------------------------------------------- graph layer
@@ -211,7 +196,7 @@ class KAMIG(AutoNAT):
         projected = self.graph_layer.pos_neg_codebook_graph_layer.project(codes)  # [K,dim]
         classes, inverse = class_ids.unique(return_inverse=True)  # compute each class once
         real = classes < self.cfg.num_classes
-        occurs = unpack_bits(self.occurrence_bits[classes.clamp(max=self.cfg.num_classes - 1)],
+        occurs = unpack_occurrence_torch(self.occurrence_bits[classes.clamp(max=self.cfg.num_classes - 1)],
                              self.cfg.codebook_size)  # [U,L,K]
         rows = incompatibility_rows(occurs, projected.dtype) * real[:, None, None]  # null class -> 0
         return (rows @ projected)[inverse]  # [B,L,dim]

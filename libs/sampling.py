@@ -29,7 +29,7 @@ def load_sampling_model(config, kind="ka_mig", checkpoint=None, device="cpu", gr
         from libs.ka_mig import KAMIG, graph_config
         from libs.train import load_graphs
         model = KAMIG(backbone_config(config.model), graph_config(config.graph),
-                      load_graphs(config.graph) if graphs is None else graphs)
+                      load_graphs(config.graph, config.model.num_classes) if graphs is None else graphs)
     elif kind == "autonat":
         model = AutoNAT(backbone_config(config.model))
     else:

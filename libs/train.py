@@ -22,7 +22,7 @@ from libs.nat import make_masked_batch, masked_token_loss
 # ----------------------------------------------------------------------------- model
 
 
-def load_graphs(graph_cfg) -> dict:
+def load_graphs(graph_cfg, num_classes=None) -> dict:
     """Loads the graphs a KA-MIG config switches on (libs.graph_io), as tensors."""
     from libs.graph_io import load_edge_graph, load_incompatibility
     graphs = {}
@@ -31,7 +31,7 @@ def load_graphs(graph_cfg) -> dict:
     if graph_cfg.use_sim:
         graphs["sim"] = load_edge_graph(graph_cfg.similarity)
     if graph_cfg.use_incompat:
-        graphs["incompat"] = load_incompatibility(graph_cfg.incompatibility)["packed"]
+        graphs["incompat"] = load_incompatibility(graph_cfg.incompatibility, num_classes=num_classes)["packed"]
     return graphs
 
 
@@ -41,7 +41,7 @@ def build_model(config, graphs=None, load_init=True):
     if config.train.mode == "pretrain":
         model = AutoNAT(cfg)
     else:
-        graphs = load_graphs(config.graph) if graphs is None else graphs
+        graphs = load_graphs(config.graph, config.model.num_classes) if graphs is None else graphs
         model = KAMIG(cfg, graph_config(config.graph), graphs)
     init = config.train.init_checkpoint
     if load_init and init:

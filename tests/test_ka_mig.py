@@ -6,7 +6,8 @@ import torch
 
 from libs.autonat import AutoNAT
 from libs.checkpoint import load_state_dict_file, load_strict
-from libs.ka_mig import GCNConv, GraphConfig, KAMIG, gcn_norm, incompatibility_rows, unpack_bits
+from libs.graphs import incompatibility_rows, unpack_occurrence_torch as unpack_bits
+from libs.ka_mig import GCNConv, GraphConfig, KAMIG, gcn_norm
 from tests.helpers import OFFICIAL_GRAPHS, manifest, read_manifest, tiny_backbone
 
 K, L, C = 32, 16, 4

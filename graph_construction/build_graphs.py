@@ -1,0 +1,146 @@
+"""Builds the KA-MIG knowledge graphs (SPEC §5) from a token dataset.
+
+    python graph_construction/build_graphs.py --tokens assets/imagenet256_vq_features --out graph_prior/
+
+writes, next to a `<file>.json` metadata sidecar each,
+  codebook_co_occurrence_norm_self_50.pkl   G_co, [edge_index, edge_weight] like the released file
+  codebook_replace_graph_norm_self.pkl      G_s,  [edge_index, edge_weight] like the released file
+  incompatibility.npz                       G_p as packed (class, position, token) occurrence bits
+G_co and G_s use a seeded random subset of `--max-images` token maps (paper: 50K), G_p all maps.
+"""
+import argparse
+import functools
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere: `libs` lives in the repo root
+
+from libs import graphs as G  # noqa: E402
+
+CO_FILE = "codebook_co_occurrence_norm_self_50.pkl"
+SIM_FILE = "codebook_replace_graph_norm_self.pkl"
+INCOMPAT_FILE = "incompatibility.npz"
+GRAPHS = ("co", "sim", "incompat")
+
+
+def parse_args(argv=None):
+    """Command-line flags -> argparse.Namespace (graphs as a tuple)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", required=True,
+                   help="token dataset: a directory (tokens.npy, labels.npy, meta.json) or the paper's .npy")
+    p.add_argument("--out", default="graph_prior", help="output folder (default graph_prior/)")
+    p.add_argument("--graphs", default=",".join(GRAPHS), help="comma list of co,sim,incompat (default all)")
+    p.add_argument("--neighbourhood", type=int, default=8, choices=(4, 8), help="G_co neighbourhood")
+    p.add_argument("--co-ratio", type=float, default=G.DEFAULT_CO_RATIO,
+                   help=f"G_co keeps max(1, int(nnz*ratio)) per row (default {G.DEFAULT_CO_RATIO}: "
+                        "51 neighbours of 1023, as the released file)")
+    p.add_argument("--sim-k", type=int, default=G.DEFAULT_SIM_K, help="G_s neighbours per token")
+    p.add_argument("--sim-alpha", type=float, default=G.DEFAULT_SIM_ALPHA, help="G_s weight exp(-alpha*JS)")
+    p.add_argument("--sim-measure", default="distance", choices=("distance", "divergence"),
+                   help="JS distance (sqrt, matches the released file) or divergence")
+    p.add_argument("--max-images", type=int, default=G.DEFAULT_MAX_IMAGES,
+                   help="token maps sampled for G_co / G_s (<= 0: all; paper: 50000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the G_co / G_s sample")
+    p.add_argument("--codebook-size", type=int, default=None, help="expected codebook size (default: dataset's)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of G_p (default: the dataset's; must cover every label)")
+    p.add_argument("--num-threads", type=int, default=None, help="counting threads (default: CPU count, max 4)")
+    p.add_argument("--write-sample-tokens", action="store_true",
+                   help="also write the sample as a train_img_50K_token.pkl-style dict (paper notebooks)")
+    args = p.parse_args(argv)
+    args.graphs = tuple(g.strip() for g in args.graphs.split(",") if g.strip())
+    unknown = [g for g in args.graphs if g not in GRAPHS]
+    if unknown or not args.graphs:
+        p.error(f"--graphs takes a comma list of {','.join(GRAPHS)}, got '{','.join(args.graphs)}'")
+    return args
+
+
+def sample_file_name(n: int) -> str:
+    """train_img_50K_token.pkl for 50000 maps, train_img_<n>_token.pkl otherwise."""
+    return f"train_img_{n // 1000}K_token.pkl" if n % 1000 == 0 else f"train_img_{n}_token.pkl"
+
+
+def bar(desc):
+    """A tqdm wrapper for the libs' `progress` argument."""
+    from tqdm import tqdm
+    return functools.partial(tqdm, desc=desc, unit="chunk", leave=False)
+
+
+def main(argv=None):
+    """Loads the tokens, builds the chosen graphs and writes them with metadata; returns {name: path}."""
+    args = parse_args(argv)
+    from libs.graph_io import sample_tokens, save_edge_graph, save_incompatibility, save_sample_tokens
+    from libs.token_dataset import load_tokens
+
+    t0 = time.time()
+    tokens, labels, meta = load_tokens(args.tokens, codebook_size=args.codebook_size)  # [N,L], [N]
+    K, grid, L = int(meta["codebook_size"]), int(meta["grid"]), int(tokens.shape[1])
+    if grid * grid != L:
+        raise ValueError(f"{args.tokens}: rows of {L} ids do not form a {grid}x{grid} grid")
+    N = int(tokens.shape[0])
+    maps = tokens.reshape(N, grid, grid)  # [N,h,w], a view (stays memory-mapped)
+    num_classes = args.num_classes if args.num_classes is not None else meta.get("num_classes")
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1 if N else 0
+    out = Path(args.out)
+    print(f"{N} token maps of {grid}x{grid} over {K} codes, {num_classes} classes from {args.tokens}")
+
+    idx = G.sample_image_indices(N, args.max_images, args.seed)  # sorted rows for G_co / G_s
+    sample = maps[idx] if len(idx) < N else maps  # [n,h,w]
+    common = {
+        "source_dataset": str(Path(args.tokens).resolve()),
+        "dataset_format": meta.get("format"),
+        "tokenizer_sha256": meta.get("tokenizer_sha256"),
+        "codebook_size": K, "grid": grid, "seq_len": L,
+        "num_maps_total": N, "rows_per_image": meta.get("rows_per_image"),
+        "built_by": "graph_construction/build_graphs.py",
+    }
+    subset = {"num_nodes": K, "num_maps_used": int(len(idx)), "max_images": args.max_images, "seed": args.seed,
+              "sample_indices_sha256": hashlib.sha256(idx.tobytes()).hexdigest()}
+    written = {}
+
+    if "co" in args.graphs:
+        counts = G.co_occurrence_counts(sample, K, args.neighbourhood, num_threads=args.num_threads,
+                                        progress=bar("G_co counts"))  # [K,K]
+        ei, ew = G.co_occurrence_graph(counts, args.co_ratio)
+        recipe = {"graph": "co_occurrence", "neighbourhood": args.neighbourhood, "ratio": args.co_ratio,
+                  "top_k": "max(1, int(nnz_row * ratio)), ties -> smaller id", "self_loops": 1.0,
+                  "scaling": "1/sqrt(c_i*c_j), c = out-edges incl. self-loop"}
+        written["co"] = save_edge_graph(out / CO_FILE, ei, ew, {**common, **subset, "recipe": recipe})
+        print(f"G_co: {ew.shape[0]} edges -> {written['co']}")
+
+    if "sim" in args.graphs:
+        hist = G.position_histograms(sample, K, num_threads=args.num_threads, progress=bar("G_s histograms"))
+        ei, ew = G.similarity_graph(hist, args.sim_k, args.sim_alpha, args.sim_measure,
+                                    progress=bar("G_s Jensen-Shannon"))
+        recipe = {"graph": "similarity", "k": args.sim_k, "alpha": args.sim_alpha,
+                  "measure": f"Jensen-Shannon {args.sim_measure} (natural log)",
+                  "normalisation": "row min-max, / Frobenius norm, row softmax",
+                  "self_loops": 1.0, "scaling": "1/sqrt(c_i*c_j), c = out-edges incl. self-loop"}
+        written["sim"] = save_edge_graph(out / SIM_FILE, ei, ew, {**common, **subset, "recipe": recipe})
+        print(f"G_s: {ew.shape[0]} edges -> {written['sim']}")
+
+    if "incompat" in args.graphs:
+        packed = G.occurrence_bits(maps, labels, num_classes, K, num_threads=args.num_threads,
+                                   progress=bar("G_p occurrence"))  # [C,L,ceil(K/8)]
+        recipe = {"graph": "incompatibility", "maps": "all",
+                  "rows": "1/|I| on tokens I never seen at (class, position), 0 elsewhere",
+                  "storage": "np.packbits(occurs, axis=-1, bitorder='little'); null class (id C) = zeros"}
+        written["incompat"] = save_incompatibility(
+            out / INCOMPAT_FILE, packed, {**common, "num_classes": num_classes, "num_maps_used": N, "recipe": recipe})
+        print(f"G_p: {packed.nbytes / 2 ** 20:.1f} MiB of bits -> {written['incompat']}")
+
+    if args.write_sample_tokens:
+        path = out / sample_file_name(len(idx))
+        written["sample_tokens"] = save_sample_tokens(path, sample_tokens(tokens, args.max_images, args.seed))
+        print(f"sample tokens: {len(idx)} maps -> {path}")
+    print(f"done in {time.time() - t0:.1f} s")
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Reading and writing the KA-MIG graph files: G_co / G_s edge lists, packed G_p, token samples.
+
+Edge graphs are pickles of `[edge_index LongTensor [2,E], edge_weight Tensor [E]]`, exactly like the
+released `codebook_*.pkl` files, plus a sidecar `<file>.json` with metadata. They are read with a
+restricted unpickler that only rebuilds tensors / arrays (no arbitrary code). G_p is an .npz of the
+packed occurrence bits (libs.graphs.occurrence_bits); the paper's dense [C,L,K] tensor (.pt/.npy)
+is accepted too. Every file is written atomically (temp file + rename).
+"""
+import collections
+import io
+import json
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from libs.checkpoint import atomic_write
+from libs.graphs import dense_to_occurrence, sample_image_indices, unpack_occurrence
+
+BUILD_HINT = "it is built by `python graph_construction/build_graphs.py --tokens <dataset> --out graph_prior/`"
+
+
+def missing_graph_error(path) -> FileNotFoundError:
+    """FileNotFoundError naming the graph file and the command that builds it."""
+    return FileNotFoundError(f"graph file not found: {path}\n  {BUILD_HINT}")
+
+
+def meta_path(path) -> Path:
+    """The metadata sidecar of a graph file: `<path>.json`."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def write_json(path, obj):
+    """Atomically writes `obj` as indented JSON."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_meta(path) -> dict:
+    """The sidecar metadata of a graph file, or {} if it has none."""
+    mp = meta_path(path)
+    return json.loads(mp.read_text()) if mp.is_file() else {}
+
+
+# ----------------------------------------------------------------------------- safe unpickling
+
+def _storage_from_bytes(data: bytes):
+    """Safe stand-in for torch.storage._load_from_bytes (what pickled tensors call)."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _allowed_globals() -> dict:
+    """(module, name) -> object: the only globals a graph pickle may reference."""
+    allowed = {
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # pickles of numpy 1 and 2
+        allowed[(mod, "_reconstruct")] = _reconstruct
+    for name in ("float16", "float32", "float64", "int32", "int64"):
+        allowed[("torch", name)] = getattr(torch, name)
+    return allowed
+
+
+class GraphUnpickler(pickle.Unpickler):
+    """Unpickler that rebuilds tensors and numpy arrays and refuses every other global."""
+
+    ALLOWED = None
+
+    def find_class(self, module, name):
+        """The allowed global (module, name), else UnpicklingError."""
+        allowed = type(self).ALLOWED = type(self).ALLOWED or _allowed_globals()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return allowed[(module, name)]
+
+
+def _as_tensor(x, name: str, path) -> torch.Tensor:
+    """Tensor from a tensor or numpy array, else ValueError naming the file."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise ValueError(f"{path}: {name} is a {type(x).__name__}, expected a tensor or numpy array")
+
+
+# ----------------------------------------------------------------------------- edge graphs
+
+def save_edge_graph(path, edge_index, edge_weight, meta: dict = None):
+    """Writes `[edge_index, edge_weight]` (torch tensors, as the released pickles) + `<path>.json` meta."""
+    ei = edge_index if isinstance(edge_index, torch.Tensor) else torch.from_numpy(np.array(edge_index))
+    ew = edge_weight if isinstance(edge_weight, torch.Tensor) else torch.from_numpy(np.array(edge_weight))
+    ei, ew = ei.detach().cpu().long().contiguous(), ew.detach().cpu().contiguous()  # [2,E], [E]
+    if ei.ndim != 2 or ei.shape[0] != 2 or ew.shape != (ei.shape[1],):
+        raise ValueError(f"edge_index must be [2,E] and edge_weight [E], "
+                         f"got {tuple(ei.shape)} and {tuple(ew.shape)}")
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            pickle.dump([ei, ew], f, protocol=4)
+
+    atomic_write(path, write)
+    meta = dict(meta or {})
+    meta.setdefault("num_nodes", int(ei.max()) + 1 if ei.numel() else 0)
+    meta.update(num_edges=int(ei.shape[1]), weight_dtype=str(ew.dtype).replace("torch.", ""))
+    write_json(meta_path(path), meta)
+    return Path(path)
+
+
+def load_edge_graph(path, dtype=torch.float32):
+    """(edge_index LongTensor [2,E], edge_weight [E] as `dtype` (None keeps the file's), num_nodes).
+
+    Reads our files and the released pickles unchanged. num_nodes comes from the sidecar meta when
+    present, else max index + 1 (every node has a self-loop in both recipes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise missing_graph_error(path)
+    try:
+        with open(path, "rb") as f:
+            obj = GraphUnpickler(f).load()
+    except Exception as e:  # truncated file, foreign pickle, refused global
+        raise ValueError(f"{path}: not a readable graph pickle ({type(e).__name__}: {e})") from e
+    if not (isinstance(obj, (list, tuple)) and len(obj) == 2):
+        raise ValueError(f"{path}: expected a pickled [edge_index, edge_weight], got {type(obj).__name__}"
+                         + (f" of length {len(obj)}" if isinstance(obj, (list, tuple)) else ""))
+    ei, ew = _as_tensor(obj[0], "edge_index", path), _as_tensor(obj[1], "edge_weight", path)
+    if ei.ndim != 2 or ei.shape[0] != 2 or ei.dtype.is_floating_point or ei.dtype == torch.bool:
+        raise ValueError(f"{path}: edge_index must be an integer [2,E] tensor, got {ei.dtype} {tuple(ei.shape)}")
+    if ew.shape != (ei.shape[1],) or not ew.dtype.is_floating_point:
+        raise ValueError(f"{path}: edge_weight must be a float [E] = [{ei.shape[1]}] tensor, "
+                         f"got {ew.dtype} {tuple(ew.shape)}")
+    ei = ei.long()
+    if ei.numel() and int(ei.min()) < 0:
+        raise ValueError(f"{path}: negative node index in edge_index")
+    if not bool(torch.isfinite(ew).all()):
+        raise ValueError(f"{path}: edge_weight has non-finite values")
+    num_nodes = int(ei.max()) + 1 if ei.numel() else 0
+    declared = read_meta(path).get("num_nodes")
+    if declared is not None:
+        if int(declared) < num_nodes:
+            raise ValueError(f"{path}: meta says {declared} nodes but edge_index uses node {num_nodes - 1}")
+        num_nodes = int(declared)
+    return ei, (ew if dtype is None else ew.to(dtype)), num_nodes
+
+
+# ----------------------------------------------------------------------------- G_p
+
+def save_incompatibility(path, packed, meta: dict = None):
+    """Writes packed occurrence bits [C,L,ceil(K/8)] + codebook_size, grid, num_classes (.npz) and meta."""
+    packed = np.asarray(packed.cpu() if isinstance(packed, torch.Tensor) else packed)
+    meta = dict(meta or {})
+    if packed.dtype != np.uint8 or packed.ndim != 3:
+        raise ValueError(f"packed occurrence bits must be uint8 [C,L,ceil(K/8)], "
+                         f"got {packed.dtype} {packed.shape}")
+    C, L, nbytes = packed.shape
+    K = int(meta.get("codebook_size", nbytes * 8))
+    if math.ceil(K / 8) != nbytes:
+        raise ValueError(f"codebook_size {K} needs {math.ceil(K / 8)} bytes per row, packed has {nbytes}")
+    grid = meta.get("grid", math.isqrt(L))
+    side = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    if side[0] * side[1] != L:
+        raise ValueError(f"grid {grid} does not give the {L} positions of the packed bits")
+    meta.update(codebook_size=K, grid=grid, num_classes=C, seq_len=L)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a name
+            np.savez_compressed(f, packed=packed, codebook_size=np.int64(K), grid=np.asarray(side, np.int64),
+                                num_classes=np.int64(C), meta=np.asarray(json.dumps(meta, default=str)))
+
+    atomic_write(path, write)
+    write_json(meta_path(path), meta)
+    return Path(path)
+
+
+def load_dense_incompatibility(path):
+    """The paper's dense G_p [C,L,K] from a .pt (tensor) or .npy file, memory-mapped when possible."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{path}: expected a dense [C,L,K] tensor, got {type(obj).__name__}")
+    return obj
+
+
+def load_incompatibility(path, num_classes: int = None) -> dict:
+    """dict(packed uint8 tensor [C,L,ceil(K/8)], codebook_size, seq_len, num_classes, meta).
+
+    Reads our .npz, or a dense [C,L,K] G_p (.pt/.npy, rows 1/|I| on never-occurring tokens) as the
+    paper's code used; a dense tensor's class count is its first dimension. With `num_classes`,
+    the file must hold that many classes; a trailing all-zero null class (C = num_classes + 1,
+    as a dense tensor may carry) is dropped, since the model gives the null class zeros by its id.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise missing_graph_error(path)
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                packed = z["packed"]
+                K, C = int(z["codebook_size"]), int(z["num_classes"])
+                meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        else:
+            dense = load_dense_incompatibility(path)
+            packed, (C, _, K), meta = dense_to_occurrence(dense), tuple(dense.shape), {"source": "dense"}
+    except (OSError, KeyError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: not a readable incompatibility file ({type(e).__name__}: {e})") from e
+    if packed.dtype != np.uint8 or packed.ndim != 3 or packed.shape[::2] != (C, math.ceil(K / 8)):
+        raise ValueError(f"{path}: packed bits {packed.dtype} {packed.shape} do not match "
+                         f"num_classes {C}, codebook_size {K}")
+    if num_classes is not None and C != num_classes:
+        null_is_zero = C == num_classes + 1 and bool(unpack_occurrence(packed[-1], K).all())
+        if not null_is_zero:
+            raise ValueError(f"{path}: holds {C} classes, the model has {num_classes} "
+                             f"(plus the null class {num_classes}, whose prior is zero)")
+        packed, C = packed[:-1], num_classes  # drop the all-zero null class
+    return dict(packed=torch.from_numpy(np.ascontiguousarray(packed)), codebook_size=K,
+                seq_len=int(packed.shape[1]), num_classes=C, meta=meta)
+
+
+# ----------------------------------------------------------------------------- token samples
+
+def sample_tokens(tokens, max_images: int = 50_000, seed: int = 0) -> dict:
+    """{image index: list of ids} for a seeded random subset of the rows of tokens [N,L]."""
+    if getattr(tokens, "ndim", None) != 2:
+        raise ValueError(f"tokens must be [N,L], got shape {getattr(tokens, 'shape', None)}")
+    idx = sample_image_indices(tokens.shape[0], max_images, seed)
+    rows = np.asarray(tokens[idx]).astype(np.int64)  # [n,L]
+    return {int(i): row.tolist() for i, row in zip(idx, rows)}
+
+
+def save_sample_tokens(path, sample: dict):
+    """Writes a `train_img_50K_token.pkl`-style pickle (dict image index -> list of ids)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            pickle.dump(sample, f, protocol=4)
+
+    return atomic_write(path, write)
