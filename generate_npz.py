@@ -1,6 +1,6 @@
 """Generate N class-conditional samples (resumable, multi-GPU), pack samples.npz and compute FID.
 
-    torchrun --nproc_per_node=8 generate_npz.py --num 50000 --ref-stats assets/VIRTUAL_imagenet256_labeled.npz
+    torchrun --nproc_per_node=8 generate_npz.py --num-samples 50000 --ref-stats assets/VIRTUAL_imagenet256_labeled.npz
 Each sample index has its own seed, so an interrupted run resumed later gives the same images.
 """
 import argparse
@@ -14,7 +14,9 @@ def main(argv=None):
     from libs.sampling import add_sampling_flags
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_flags(parser)
-    parser.add_argument("--num", type=int, default=50_000, help="number of samples")
+    parser.add_argument("--num-samples", "--num", dest="num", type=int, default=50_000,
+                        help="number of samples (under torchrun >= 2.14 write --num-samples: torchrun itself "
+                             "rejects a bare --num as an abbreviation of its --numa-binding)")
     parser.add_argument("--labels", choices=["balanced", "random"], default="balanced",
                         help="balanced: index i has class i mod C (50 per class for 50K); random: seeded uniform")
     parser.add_argument("--out", default="output/npz", help="output folder (samples/, samples.npz, metrics.json)")

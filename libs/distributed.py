@@ -1,0 +1,42 @@
+"""torchrun process info: rank/world from the environment, barrier and rank-0 broadcast (no-ops alone)."""
+import os
+from datetime import timedelta
+
+import torch
+
+
+class Distributed:
+    """Rank/world from torchrun's env; barrier and rank-0 broadcast over gloo (no-ops for one process)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owns_group = False
+        if self.world > 1 and not torch.distributed.is_initialized():
+            # gloo only coordinates (barrier, small objects): no tensors cross processes, also on GPUs
+            torch.distributed.init_process_group("gloo", timeout=timedelta(hours=2))
+            self.owns_group = True
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (logs, merges)."""
+        return self.rank == 0
+
+    def barrier(self):
+        """Waits for every rank."""
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self):
+        """Tears the process group down if this object created it."""
+        if self.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
