@@ -45,7 +45,6 @@ def main(argv=None):
         torch.cuda.set_device(device)
     out = Path(args.out)
     sample_dir = out / "samples"
-    ref_stats = None
     if not args.no_fid and not Path(args.ref_stats).is_file():
         raise SystemExit(f"reference statistics not found: {args.ref_stats} (make them with "
                          f"`python -m libs.fid_stats --images <real images> --out ref.npz` or pass --no-fid)")

@@ -206,7 +206,7 @@ class KAMIG(AutoNAT):
         if not self.has_graphs:
             raise RuntimeError("KAMIG has no graphs: call set_graphs(...) (see libs.graph_io loaders)")
         reps = self.node_representations() if reps is None else reps
-        K, dim = self.cfg.codebook_size, self.cfg.embed_dim
+        K = self.cfg.codebook_size
         not_masked = (ids != self.mask_token_id)[..., None]  # [B,L,1]
         safe = ids.clamp(max=K - 1)
 

@@ -13,15 +13,14 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from libs.checkpoint import atomic_write
+from libs.distributed import Distributed
 
 FORMAT_VERSION = 1
 TOKENS_FILE, LABELS_FILE, META_FILE = "tokens.npy", "labels.npy", "meta.json"
@@ -162,9 +161,17 @@ def load_tokens(path, codebook_size=None, mmap=True, validate=True):
             raise MissingTokenDatasetError(missing_dataset_message(path))
         with open(path / META_FILE) as f:
             meta = json.load(f)
+        if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise TokenDatasetError(f"{path}: format version {meta['format_version']} is newer than this code's "
+                                    f"({FORMAT_VERSION}); update the repository")
         mode = "r" if mmap else None
         tokens = np.load(path / TOKENS_FILE, mmap_mode=mode)  # [N, L] uint16
         labels = np.load(path / LABELS_FILE, mmap_mode=mode)  # [N] int64
+        meta.setdefault("seq_len", int(tokens.shape[1]) if tokens.ndim == 2 else None)
+        meta.setdefault("grid", math.isqrt(meta["seq_len"] or 0))
+        if "codebook_size" not in meta:  # hand-written meta.json: the caller's size, else max id + 1
+            hi = id_range(tokens)[1] if codebook_size is None else codebook_size - 1
+            meta["codebook_size"] = hi + 1 if hi is not None else 0
         if codebook_size is not None and codebook_size != meta["codebook_size"]:
             raise TokenDatasetError(f"{path}: tokenized with a {meta['codebook_size']}-code tokenizer, "
                                     f"but {codebook_size} codes were expected")
@@ -207,7 +214,7 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         tokens, labels = self.arrays()
-        ids = torch.from_numpy(np.asarray(tokens[i], dtype=np.int64))  # [L]
+        ids = torch.from_numpy(np.array(tokens[i], dtype=np.int64))  # [L], a writable copy
         return ids, torch.tensor(int(labels[i]), dtype=torch.long)
 
 
@@ -222,45 +229,6 @@ def write_token_dataset(out_dir, tokens: np.ndarray, labels: np.ndarray, meta: d
     meta = dict(meta, num_rows=int(tokens.shape[0]), seq_len=int(tokens.shape[1]), format_version=FORMAT_VERSION)
     write_json_atomic(out_dir / META_FILE, meta)
     return meta
-
-
-# ----------------------------------------------------------------------------- distributed helper
-
-
-class Distributed:
-    """Rank/world from torchrun's env; barrier and rank-0 broadcast over gloo (no-ops for one process)."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.owns_group = False
-        if self.world > 1 and not torch.distributed.is_initialized():
-            # gloo only coordinates (barrier, small objects): no tensors cross processes, also on GPUs
-            torch.distributed.init_process_group("gloo", timeout=timedelta(hours=2))
-            self.owns_group = True
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        """Waits for every rank."""
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def broadcast(self, obj):
-        """Rank 0's `obj` on every rank."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def close(self):
-        """Tears the process group down if this object created it."""
-        if self.owns_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- builder (chunks, merge)
@@ -294,13 +262,12 @@ def write_chunk(path: Path, tokens, labels, image_index, skipped, fingerprint: s
     atomic_write(path, write)
 
 
-def read_chunk(path: Path, fingerprint: str) -> dict:
-    """Loads one chunk, refusing one computed for another plan."""
+def read_chunk(path: Path, fingerprint: str, keys=("labels", "image_index", "skipped_index", "skipped_reason")):
+    """Loads the named arrays of one chunk, refusing a chunk computed for another plan."""
     with np.load(path, allow_pickle=False) as z:
-        chunk = {k: z[k] for k in z.files}
-    if str(chunk["fingerprint"]) != fingerprint:
-        raise TokenDatasetError(f"{path} was computed for a different file list or tokenizer")
-    return chunk
+        if str(z["fingerprint"]) != fingerprint:
+            raise TokenDatasetError(f"{path} was computed for a different file list or tokenizer")
+        return {k: z[k] for k in keys}
 
 
 def prepare_output(out_dir: Path, fingerprint: str, n_items: int, chunk_size: int, overwrite: bool) -> str:
@@ -323,7 +290,7 @@ def prepare_output(out_dir: Path, fingerprint: str, n_items: int, chunk_size: in
         if not same and not overwrite:
             raise TokenDatasetError(f"{partial} holds partial results of a different run (other files, "
                                     f"tokenizer or --chunk-size); pass --overwrite to discard them")
-        if not same:
+        if not same or overwrite:
             shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     for stale in partial.glob(".*.tmp"):  # temp files of a killed run
@@ -403,18 +370,27 @@ def compute_chunks(model, dataset, chunks, partial: Path, fingerprint: str, *, c
 def merge_chunks(out_dir: Path, n_chunks: int, fingerprint: str, items, meta: dict) -> dict:
     """Rank 0: concatenates the chunk files in order into tokens.npy / labels.npy, then meta.json."""
     partial = out_dir / PARTIAL_DIR
-    chunks = [read_chunk(chunk_path(partial, c), fingerprint) for c in range(n_chunks)]
+    missing = [c for c in range(n_chunks) if not chunk_path(partial, c).is_file()]
+    if missing:
+        raise TokenDatasetError(f"{len(missing)} of {n_chunks} chunks are missing in {partial} (first: "
+                                f"{chunk_path(partial, missing[0]).name}); rerun the same command to compute them")
+    chunks = [read_chunk(chunk_path(partial, c), fingerprint) for c in range(n_chunks)]  # small arrays only
     n_rows = sum(len(ch["labels"]) for ch in chunks)
     if n_rows == 0:
         raise TokenDatasetError(f"none of the {len(items)} image files could be read; nothing to write")
-    L = chunks[0]["tokens"].shape[1] if chunks[0]["tokens"].size else meta["seq_len"]
+    L = meta["seq_len"]
 
     def write_tokens(tmp):
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(n_rows, L))  # [N, L]
         row = 0
-        for ch in chunks:
-            mm[row:row + len(ch["tokens"])] = ch["tokens"]
-            row += len(ch["tokens"])
+        for c in range(n_chunks):  # one chunk's tokens in memory at a time
+            tokens = read_chunk(chunk_path(partial, c), fingerprint, keys=("tokens",))["tokens"]  # [rows, L]
+            if len(tokens) and tokens.shape[1] != L:
+                raise TokenDatasetError(f"{chunk_path(partial, c)} holds rows of {tokens.shape[1]} ids, not {L}")
+            mm[row:row + len(tokens)] = tokens
+            row += len(tokens)
+        if row != n_rows:
+            raise TokenDatasetError(f"chunks in {partial} hold {row} token rows but {n_rows} labels")
         mm.flush()
         del mm
 
@@ -423,7 +399,7 @@ def merge_chunks(out_dir: Path, n_chunks: int, fingerprint: str, items, meta: di
     save_npy_atomic(out_dir / LABELS_FILE, np.concatenate([ch["labels"] for ch in chunks]).astype(np.int64))
     skipped = [{"file": items[int(i)][0], "reason": str(r)}
                for ch in chunks for i, r in zip(ch["skipped_index"], ch["skipped_reason"])]
-    meta = dict(meta, num_rows=n_rows, seq_len=L, skipped=skipped, num_skipped=len(skipped),
+    meta = dict(meta, num_rows=n_rows, skipped=skipped, num_skipped=len(skipped),
                 num_images=int(sum(len(ch["image_index"]) for ch in chunks)))
     write_json_atomic(out_dir / META_FILE, meta)
     return meta
@@ -433,11 +409,14 @@ def extract_token_dataset(image_root, out_dir, tok_cfg, *, flip: bool, batch_siz
                           chunk_size=1024, overwrite=False, keep_partial=False, stop_after_chunks=0,
                           dist: Distributed = None) -> dict:
     """Tokenizes an ImageFolder tree into a token dataset at out_dir (resumable, shardable); returns meta."""
+    from libs.checkpoint import require_file
     from libs.preprocess import ImageFileDataset, list_image_folder
     from libs.vqgan import load_tokenizer
 
     dist = dist or Distributed()
     out_dir = Path(out_dir)
+    if tok_cfg.checkpoint:
+        require_file(tok_cfg.checkpoint)  # fail fast, before building the model or listing files
     model = load_tokenizer(tok_cfg, device=device)  # MissingAssetError naming the file if absent
     if model.codebook_size > np.iinfo(np.uint16).max + 1:
         raise TokenDatasetError(f"codebook of {model.codebook_size} codes does not fit uint16 tokens")
@@ -447,13 +426,16 @@ def extract_token_dataset(image_root, out_dir, tok_cfg, *, flip: bool, batch_siz
     fingerprint = plan_fingerprint(items, flip, chunk_size, resolution, model.config_dict(), tok_sha)
     n_chunks = math.ceil(len(items) / chunk_size)
 
-    status = None
+    partial = out_dir / PARTIAL_DIR
+    status, pending = None, None
     if dist.is_main:
         try:
             status = prepare_output(out_dir, fingerprint, len(items), chunk_size, overwrite)
+            pending = [c for c in range(n_chunks) if not chunk_path(partial, c).is_file()]
         except TokenDatasetError as e:
             status = f"error: {e}"
-    status, main_fp = dist.broadcast((status, fingerprint))
+    # one listing, made before anyone writes: ranks listing for themselves could see each other's new chunks
+    status, pending, main_fp = dist.broadcast((status, pending, fingerprint))
     if main_fp != fingerprint:
         raise TokenDatasetError(f"rank {dist.rank} sees another file list or tokenizer than rank 0")
     if status.startswith("error: "):
@@ -464,8 +446,6 @@ def extract_token_dataset(image_root, out_dir, tok_cfg, *, flip: bool, batch_siz
         with open(out_dir / META_FILE) as f:
             return json.load(f)
 
-    partial = out_dir / PARTIAL_DIR
-    pending = [c for c in range(n_chunks) if not chunk_path(partial, c).is_file()]
     mine = pending[dist.rank::dist.world]  # round robin over what is left, so resumes stay balanced
     if dist.is_main:
         log.info("%d files in %d classes -> %d chunks of %d: %d finished, %d to do on %d process(es)",

@@ -1,7 +1,6 @@
 """Graph files: the released pickles (load, oracle for the recipe), lossless saving, G_p files, the CLI."""
 import importlib.util
 import json
-import math
 import os
 import pickle
 import subprocess
