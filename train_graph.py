@@ -16,7 +16,10 @@ def main(argv=None):
 
     from libs.token_dataset import load_tokens
     from libs.train import Trainer
-    tokens, labels, meta = load_tokens(config.data.path, codebook_size=config.model.codebook_size)
+    try:
+        tokens, labels, meta = load_tokens(config.data.path, codebook_size=config.model.codebook_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     if tokens.shape[1] != config.model.seq_len:
         raise SystemExit(f"token dataset {config.data.path} has {tokens.shape[1]} tokens per image but the model "
                          f"expects {config.model.seq_len}")

@@ -92,6 +92,16 @@ def lr_at(step, base_lr, warmup):
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def append_csv(path: Path, row: dict):
+    """Appends one row to a CSV log (header on first write)."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
 def list_checkpoints(ckpt_dir: Path):
     return sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]), reverse=True)
 
@@ -123,6 +133,7 @@ class Trainer:
         if precision == "fp16" and not torch.cuda.is_available():
             warnings.warn("fp16 mixed precision needs a GPU; training in float32 on this CPU")
             precision = "no"
+        self.precision = precision
         self.accelerator = acc = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         self.rank, self.world = acc.process_index, acc.num_processes
         per_step = self.world * t.grad_accum
@@ -276,15 +287,8 @@ class Trainer:
             atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
 
     def append_log(self, row):
-        if not self.accelerator.is_main_process:
-            return
-        path = self.run_dir / "log.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        if self.accelerator.is_main_process:
+            append_csv(self.run_dir / "log.csv", row)
 
     def fit(self, stop_after=None, eval_fn=None, crash_after_step=None):
         """Trains to train.n_steps (or `stop_after` steps in this call); checkpoints and exports EMA."""
@@ -294,7 +298,7 @@ class Trainer:
         n_params = sum(p.numel() for n, p in self.unwrapped.named_parameters() if n in self.trained_set)
         self.log(f"mode {t.mode}: training {n_params:,} parameters ({len(self.trained_names)} tensors); "
                  f"global batch {t.batch_size} = {self.world} processes x {t.grad_accum} accumulation x "
-                 f"{self.micro_batch} per micro-batch; run folder {self.run_dir}")
+                 f"{self.micro_batch} per micro-batch; mixed precision {self.precision}; run folder {self.run_dir}")
         end = t.n_steps if stop_after is None else min(t.n_steps, self.step + stop_after)
         bar = tqdm(total=t.n_steps, initial=self.step, disable=not acc.is_main_process, desc=self.config.run_name)
         tokens_per_step = t.batch_size * self.unwrapped.cfg.seq_len

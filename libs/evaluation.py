@@ -1,0 +1,51 @@
+"""Periodic FID during training: samples with the current EMA weights, logs, never touches checkpoints."""
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from libs.nat import schedule_from_config
+from libs.train import append_csv
+from libs.sampling import class_labels, index_generators, sample_images
+from libs.vqgan import load_tokenizer
+
+
+def ema_model(trainer):
+    """A frozen eval-mode copy of the trained model with the EMA weights swapped in."""
+    model = copy.deepcopy(trainer.unwrapped).eval().requires_grad_(False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in trainer.ema:
+                p.copy_(trainer.ema[name].to(p.dtype))
+    return model
+
+
+def periodic_fid(trainer, batch_size=50, seed=0, extractor=None):
+    """Rank 0: FID of `train.fid_samples` balanced samples vs `train.fid_ref_stats`; appended to fid.csv."""
+    acc, t, config = trainer.accelerator, trainer.config.train, trainer.config
+    if acc.is_main_process:
+        from libs.fid_stats import compute_metrics, load_reference_stats
+        from libs.inception import load_feature_extractor
+        start = time.time()
+        device = acc.device
+        model = ema_model(trainer)
+        tokenizer = load_tokenizer(config.tokenizer, device=device)
+        schedule = schedule_from_config(config.sample)
+        labels = class_labels(t.fid_samples, config.model.num_classes)
+        images = []
+        for s in range(0, t.fid_samples, batch_size):
+            idx = np.arange(s, min(s + batch_size, t.fid_samples))
+            cls = torch.as_tensor(labels[idx], device=device)
+            images.append(sample_images(model, tokenizer, cls, schedule, index_generators(idx, seed, device)))
+        extractor = extractor or load_feature_extractor(device=device)
+        ref = load_reference_stats(t.fid_ref_stats, extractor=extractor)
+        result = compute_metrics(np.concatenate(images), ref, extractor, num_expected=t.fid_samples,
+                                 progress=False)
+        row = {"step": trainer.step, "fid": result["fid"], "samples": t.fid_samples,
+               "seconds": round(time.time() - start, 1)}
+        append_csv(Path(trainer.run_dir) / "fid.csv", row)
+        trainer.log(f"step {trainer.step}: FID {result['fid']:.3f} ({t.fid_samples} samples, EMA weights)")
+        del model
+    acc.wait_for_everyone()
