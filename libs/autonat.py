@@ -161,11 +161,11 @@ class AutoNAT(nn.Module):
         return block(x, skip)
 
     def forward_blocks(self, x, inject=None):
-        """Runs the U-ViT; `inject(j, x)` (if given) is added before block j (forward order)."""
+        """Runs the U-ViT; `inject(j, x) -> x` (if given) updates the stream before block j (forward order)."""
         skips = []
         for j, block in enumerate(self.blocks):
             if inject is not None:
-                x = x + inject(j, x)
+                x = inject(j, x)
             if j < len(self.in_blocks):
                 x = self.run_block(block, x)
                 skips.append(x)

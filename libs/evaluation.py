@@ -40,7 +40,7 @@ def periodic_fid(trainer, batch_size=50, seed=0, extractor=None):
             cls = torch.as_tensor(labels[idx], device=device)
             images.append(sample_images(model, tokenizer, cls, schedule, index_generators(idx, seed, device)))
         extractor = extractor or load_feature_extractor(device=device)
-        ref = load_reference_stats(t.fid_ref_stats, extractor=extractor)
+        ref = load_reference_stats(t.fid_ref_stats)  # mu/sigma only: FID, no precision/recall here
         result = compute_metrics(np.concatenate(images), ref, extractor, num_expected=t.fid_samples,
                                  progress=False)
         row = {"step": trainer.step, "fid": result["fid"], "samples": t.fid_samples,

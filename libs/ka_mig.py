@@ -245,7 +245,7 @@ class KAMIG(AutoNAT):
 
             def inject(j, h):
                 term = self.injection(j, feats, h.dtype)
-                return torch.zeros((), dtype=h.dtype, device=h.device) if term is None else term
+                return h if term is None else h + term
 
         return self.head(self.forward_blocks(x, inject))
 
@@ -260,7 +260,7 @@ class KAMIG(AutoNAT):
 
     @torch.no_grad()
     def token_tables(self):
-        """[points,K,dim]: zero_convs[p] folded over the GCN outputs of both positive graphs, per token id."""
+        """[points,K+1,dim]: zero_convs[p] folded over both positive graphs' GCN outputs, per token id."""
         cache = self.__dict__.setdefault("_inference_cache", {})
         version = self.weights_version()
         if cache.get("version") != version:
@@ -279,7 +279,8 @@ class KAMIG(AutoNAT):
                 convs = self.graph_layer.zero_convs
                 weight = torch.stack([c.weight[:, :, 0] for c in convs]).float()  # [P,dim,dim]
                 bias = torch.stack([c.bias for c in convs]).float()  # [P,dim]
-                return summed @ weight.transpose(1, 2) + len(pos) * bias[:, None]  # [P,K,dim]
+                tables = summed @ weight.transpose(1, 2) + len(pos) * bias[:, None]  # [P,K,dim]
+                return F.pad(tables, (0, 0, 0, 1))  # + a zero row for the [MASK] id: [P,K+1,dim]
         return None
 
     @torch.no_grad()
@@ -302,25 +303,23 @@ class KAMIG(AutoNAT):
         self.__dict__.pop("_inference_cache", None)
 
     def cached_injection(self, ids, class_ids):
-        """inject(j, x) of the fast path: table gathers and precomputed class terms."""
+        """inject(j, x) of the fast path: one table lookup ([MASK] -> zero row) and one class-term gather."""
         if not self.has_graphs:
             raise RuntimeError("KAMIG has no graphs: call set_graphs(...) (see libs.graph_io loaders)")
-        tables = self.token_tables()
+        tables = self.token_tables()  # [P,K+1,dim], row K (the [MASK] id) is zero
         class_terms = self.class_terms(class_ids) if self.graph_cfg.use_incompat else None
-        not_masked = (ids != self.mask_token_id)[..., None]  # [B,L,1]
-        safe = ids.clamp(max=self.cfg.codebook_size - 1)
         last = self.graph_layer.num_points - 1
 
         def inject(j, h):
-            term = torch.zeros((), dtype=torch.float32, device=h.device)
+            if tables is None and class_terms is None:
+                return h
             if tables is not None:
-                term = tables[last - j][safe] * not_masked  # [B,L,dim]
-            if class_terms is not None:
-                terms, inverse = class_terms
-                term = term - terms[last - j][inverse]
-            if term.dim() == 0:
-                return term.to(h.dtype)
-            return F.pad(term, (0, 0, 1, 0)).to(h.dtype)  # class position gets zeros
+                term = F.embedding(ids, tables[last - j])  # [B,L,dim]
+                if class_terms is not None:
+                    term.sub_(class_terms[0][last - j].index_select(0, class_terms[1]))
+            else:
+                term = -class_terms[0][last - j].index_select(0, class_terms[1])
+            return torch.cat([h[:, :1], h[:, 1:] + term.to(h.dtype)], dim=1)  # class position unchanged
 
         return inject
 
