@@ -91,3 +91,30 @@ def test_generate_npz_two_processes_resume_is_byte_identical(tiny_assets, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for p in pngs:
         assert (tmp_path / "resumed" / "samples" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def write_reference_stats(path, extractor, n=8, seed=0):
+    from libs.fid_stats import compute_reference_stats, save_reference_stats
+    images = np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    save_reference_stats(path, compute_reference_stats(images, extractor, batch_size=8, progress=False))
+    return path
+
+
+def test_generate_npz_writes_metrics_and_refuses_bad_reference(tiny_assets, tmp_path, use_fid_extractor):
+    import generate_npz
+    import json
+    root, overrides = tiny_assets
+    ref = write_reference_stats(tmp_path / "ref.npz", use_fid_extractor)
+    args = ["--checkpoint", str(root / "ka_mig.pth"), "--num-samples", "6", "--batch-size", "3",
+            "--device", "cpu", *overrides]
+    generate_npz.main(args + ["--out", str(tmp_path / "ok"), "--ref-stats", str(ref)])
+    metrics = json.loads((tmp_path / "ok" / "metrics.json").read_text())
+    assert np.isfinite(metrics["fid"]) and metrics["n"] == 6
+    assert metrics["inception_weights"] == use_fid_extractor.source
+    with pytest.raises(SystemExit, match="reference statistics not found"):
+        generate_npz.main(args + ["--out", str(tmp_path / "bad"), "--ref-stats", str(tmp_path / "nope.npz")])
+    assert not (tmp_path / "bad" / "metrics.json").exists()
+    np.savez(tmp_path / "wrong_dim.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match="feature dimension mismatch"):
+        generate_npz.main(args + ["--out", str(tmp_path / "dim"), "--ref-stats", str(tmp_path / "wrong_dim.npz")])
+    assert not (tmp_path / "dim" / "metrics.json").exists()

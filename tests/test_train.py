@@ -158,3 +158,22 @@ def test_two_process_torchrun_killed_and_resumed_matches_uninterrupted(tmp_path)
     ca = torch.load(tmp_path / "full" / "tiny" / "checkpoints" / "step_0000006.pt", weights_only=False)
     cb = torch.load(tmp_path / "resumed" / "tiny" / "checkpoints" / "step_0000006.pt", weights_only=False)
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+
+
+def test_periodic_fid_is_logged_and_never_stored_in_checkpoints(tmp_path, fid_extractor):
+    import functools
+    from libs.evaluation import periodic_fid
+    from tests.helpers import tiny_vqgan
+    from tests.test_generate import write_reference_stats
+    torch.save(tiny_vqgan().state_dict(), tmp_path / "vq.ckpt")
+    config = tiny_config(tmp_path, n_steps=2, save_interval=2, fid_interval=2, fid_samples=4)
+    config.tokenizer.checkpoint = str(tmp_path / "vq.ckpt")
+    config.train.fid_ref_stats = str(write_reference_stats(tmp_path / "ref.npz", fid_extractor))
+    tokens, labels = synthetic_tokens()
+    trainer = Trainer(config, tokens, labels)
+    trainer.fit(eval_fn=functools.partial(periodic_fid, extractor=fid_extractor, batch_size=4))
+    rows = (trainer.run_dir / "fid.csv").read_text().splitlines()
+    assert rows[0].startswith("step,fid") and rows[1].startswith("2,") and len(rows) == 2
+    state = torch.load(trainer.run_dir / "checkpoints" / "step_0000002.pt", weights_only=False)
+    assert "fid" not in state and set(state) == {"model", "ema", "optimizer", "scaler", "step", "config",
+                                                 "trained_params", "rng"}

