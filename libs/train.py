@@ -146,7 +146,9 @@ class Trainer:
         self.tokens, self.labels = tokens, labels
         self.batches = StepBatches(len(tokens), t.batch_size, config.seed)
 
-        model = model if model is not None else build_model(config, graphs)
+        if model is None:
+            torch.manual_seed(config.seed)  # same initialisation on every rank and in every run
+            model = build_model(config, graphs)
         self.trained_names = freeze_for_mode(model, t.mode)
         self.trained_set = set(self.trained_names)
         params = [p for n, p in model.named_parameters() if n in self.trained_set]
