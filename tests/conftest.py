@@ -1,5 +1,13 @@
 """Shared fixtures: the offline FID Inception network, converted once per session into a tmp cache."""
+import os
+
 import pytest
+import torch
+
+# The test models are tiny: one intra-op thread is as fast on an idle machine and far faster on a busy
+# one (spinning OpenMP workers on 2 oversubscribed cores made single tests minutes slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
