@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test clean
+.PHONY: setup test clean demo demo-assets
 
 setup: $(VENV)/.installed
 
@@ -14,6 +14,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# CPU demo (issue 6): the whole pipeline on procedural images with the committed demo weights; output/demo/
+demo: setup
+	$(PY) demo/run_demo.py $(DEMO_ARGS)
+
+# rebuilds demo/assets/ (demo tokenizer + backbone) with the repo's own training entry points
+demo-assets: setup
+	$(PY) demo/make_assets.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -1,0 +1,35 @@
+"""Trains the demo's small VQGAN tokenizer (libs.vqgan.VQGAN, config.tokenizer sizes) on an ImageFolder split.
+
+    python demo/train_tokenizer.py                                   # data/demo/train -> demo/assets/vqgan_demo.pth
+    python demo/train_tokenizer.py --data data/demo/train --out /tmp/vq.pth --config.tokenizer_train.steps=100
+Writes {"state_dict", "tokenizer", "train"} atomically (loads with libs.vqgan.load_tokenizer) and
+<out>.json with the loss log and the reconstruction error before / after training.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere: `libs` lives in the repo root
+
+
+def main(argv=None):
+    from libs.config import parse_args_with_config
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="ImageFolder split to train on (default <demo.data_root>/train)")
+    parser.add_argument("--val", default=None,
+                        help="ImageFolder split for the reported reconstruction error (default <demo.data_root>/val "
+                             "when it exists)")
+    parser.add_argument("--out", default=None, help="weights file (default config.tokenizer.checkpoint)")
+    args, config = parse_args_with_config(parser, "configs/demo.py", argv)
+
+    from libs.vqgan_train import run_tokenizer_training
+    data = Path(args.data or Path(config.demo.data_root) / "train")
+    val = Path(args.val) if args.val else Path(config.demo.data_root) / "val"
+    return run_tokenizer_training(config, data, val if (args.val or val.is_dir()) else None,
+                                  Path(args.out or config.tokenizer.checkpoint))
+
+
+if __name__ == "__main__":
+    main()
