@@ -234,3 +234,26 @@ def test_demo_smoke_run_writes_every_artifact(tmp_path):
     assert sorted(p.name for p in (out / "logs").iterdir()) == [f"{i + 1:02d}_{s}.log" for i, s in enumerate(stages)]
     summary = (out / "summary.txt").read_text()
     assert "FID KA-MIG" in summary and "FID backbone" in summary and summary in proc.stdout
+
+
+def test_make_assets_recipe_smoke(tmp_path):
+    """`demo/make_assets.py` at tiny size: tokenizer + backbone weights that load strictly, and a true manifest."""
+    from configs import demo_smoke
+    from libs.autonat import AutoNAT, backbone_config
+    from libs.checkpoint import load_state_dict_file, load_strict
+    from libs.token_dataset import file_sha256
+    from libs.vqgan import load_tokenizer
+    assets = tmp_path / "assets"
+    proc = subprocess.run([sys.executable, "demo/make_assets.py", "--config", "configs/demo_smoke.py",
+                           "--assets", str(assets), "--work", str(tmp_path / "work"), "--data", str(tmp_path / "data"),
+                           "--config.train.n_steps=2", "--config.train.batch_size=8", "--config.train.log_interval=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest = json.loads((assets / "manifest.json").read_text())
+    assert list(manifest["stage_seconds"]) == ["data", "tokenizer", "tokens", "backbone"]
+    for name, info in manifest["files"].items():
+        assert file_sha256(assets / name) == info["sha256"]
+    config = demo_smoke.get_config()
+    load_tokenizer(config.tokenizer, checkpoint=assets / "vqgan_demo.pth")
+    load_strict(AutoNAT(backbone_config(config.model)), load_state_dict_file(assets / "autonat_demo.pth"))
+    assert manifest["backbone"]["steps"] == 2 and (assets / "autonat_demo_log.csv").is_file()
