@@ -90,7 +90,7 @@ def main(argv=None):
             ref = load_reference_stats(args.ref_stats, extractor=extractor)
             result = compute_metrics(arr, ref, extractor, num_expected=args.num, batch_size=args.batch_size)
             result.update(model=args.model, checkpoint=args.checkpoint, seed=args.seed, labels=args.labels,
-                          schedule=vars(schedule), precision=args.precision, sampling_seconds=sampling_s,
+                          schedule=vars(schedule), autocast=args.precision, sampling_seconds=sampling_s,
                           world_size=dist.world)
             text = json.dumps(result, indent=1, default=float)
             atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
