@@ -25,6 +25,9 @@ def main(argv=None):
     parser.add_argument("--inception-weights", default=None,
                         help="pytorch-fid FID weights (default assets/pt_inception-2015-12-05-6726825d.pth, "
                              "else the converted offline TF-Inception port)")
+    parser.add_argument("--inception-cache", default=None,
+                        help="where the converted offline Inception weights are cached when pt_inception is absent "
+                             "(default assets/pt_inception_fid_from_tf_torchscript.pth)")
     parser.add_argument("--no-fid", action="store_true", help="only generate samples and samples.npz")
     parser.add_argument("--stop-after-batches", type=int, default=None,
                         help="testing aid: exit after this many new batches on each rank (simulates a crash)")
@@ -85,8 +88,9 @@ def main(argv=None):
         print(f"wrote {out / 'samples.npz'} {arr.shape}")
         if not args.no_fid:
             from libs.fid_stats import compute_metrics, load_reference_stats
-            from libs.inception import load_feature_extractor
-            extractor = load_feature_extractor(args.inception_weights, device=device)
+            from libs.inception import CONVERTED_CACHE, load_feature_extractor
+            extractor = load_feature_extractor(args.inception_weights, cache=args.inception_cache or CONVERTED_CACHE,
+                                               device=device)
             ref = load_reference_stats(args.ref_stats, extractor=extractor)
             result = compute_metrics(arr, ref, extractor, num_expected=args.num, batch_size=args.batch_size)
             result.update(model=args.model, checkpoint=args.checkpoint, seed=args.seed, labels=args.labels,

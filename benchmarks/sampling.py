@@ -7,6 +7,7 @@ the figures are costs, not image quality. Graphs: the released G_co / G_s, rando
 """
 import argparse
 import contextlib
+import json
 import resource
 import subprocess
 import sys
@@ -39,10 +40,38 @@ def build(kind, device, seed=0):
     return model.eval().to(device)
 
 
+def matmul_flops(cfg, rows: int, steps: int) -> float:
+    """Multiply-add FLOPs of the backbone's matmuls and attention over one sampling run of `rows` sequences."""
+    n, d, blocks = cfg.seq_len + 1, cfg.embed_dim, cfg.depth + 1
+    hidden = int(d * cfg.mlp_ratio)
+    per_block = 2 * rows * n * d * (4 * d + 2 * hidden) + 4 * rows * n * n * d  # qkv+proj+mlp, QK^T and AV
+    skips = cfg.depth // 2 * 2 * rows * n * 2 * d * d  # skip_linear of the out-blocks
+    head = 2 * rows * n * d * (d + cfg.codebook_size + 1)
+    return steps * (blocks * per_block + skips + head)
+
+
+def sgemm_rate(rows: int, cfg, repeats=20) -> float:
+    """Best FLOP/s of this machine's fp32 GEMM at the shape of the backbone's MLP (fc1), as the backbone runs it."""
+    import torch
+    from libs.autonat import linear
+    x = torch.randn(rows * (cfg.seq_len + 1), cfg.embed_dim)
+    w = torch.randn(int(cfg.embed_dim * cfg.mlp_ratio), cfg.embed_dim)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(3):  # warm-up
+            linear(x, w)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            linear(x, w)
+            best = min(best, time.perf_counter() - t0)
+    return 2 * x.shape[0] * x.shape[1] * w.shape[0] / best
+
+
 def time_sampling(args):
-    """Seconds per sampling batch of each model, runs interleaved in one process (min over repeats)."""
+    """Seconds per sampling batch of each model and repeat, runs interleaved in one process."""
     import torch
     from configs import autonat_t8_strategy
+    from libs import autonat
     from libs.nat import generate, schedule_from_config
     device = torch.device(args.device)
     bare = build("autonat", device)
@@ -51,11 +80,34 @@ def time_sampling(args):
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     cls = torch.arange(args.batch, device=device) % 1000
     runs = {"autonat": (bare, True), "ka_mig": (ka_mig, True), "ka_mig_uncached": (ka_mig, False)}
+    if device.type == "cpu" and autonat.CPU_INFERENCE_ONEDNN:
+        runs["autonat_mkl"] = (bare, True)  # the backbone with the default F.linear (MKL) GEMMs
     compiled = {}
+    fusion = [0.0]  # seconds spent in the cached path's fusion (per-batch setup + every inject call)
+    cached_injection = ka_mig.cached_injection
+
+    def timed_cached_injection(ids, class_ids):  # instance attribute: KAMIG.forward calls this one
+        t0 = time.perf_counter()
+        inject = cached_injection(ids, class_ids)
+        fusion[0] += time.perf_counter() - t0
+
+        def timed_inject(j, h):
+            t = time.perf_counter()
+            out = inject(j, h)
+            fusion[0] += time.perf_counter() - t
+            return out
+        return timed_inject
+
+    if not args.compile and device.type == "cpu":  # on CUDA the times would be launch times, not work
+        ka_mig.cached_injection = timed_cached_injection
+    t0 = time.perf_counter()
+    ka_mig.token_tables()  # once per set of weights (checkpoint load), not per sampling batch
+    tables_s = time.perf_counter() - t0
 
     def run(kind, seed):
         model, cached = runs[kind]
         model.use_inference_cache = cached
+        autonat.CPU_INFERENCE_ONEDNN = kind != "autonat_mkl"
         if args.compile and kind not in compiled:
             compiled[kind] = torch.compile(model)
         forward = compiled.get(kind, model)
@@ -74,10 +126,17 @@ def time_sampling(args):
         for kind in runs:
             run(kind, 100 + w)
     times = {kind: [] for kind in runs}
+    times.update(fusion=[], tables=tables_s, sgemm=[], flops=matmul_flops(bare.cfg, 2 * args.batch, schedule.steps))
     for r in range(args.repeats):
+        if device.type == "cpu":
+            autonat.CPU_INFERENCE_ONEDNN = "autonat_mkl" in runs  # the linears the backbone row uses
+            times["sgemm"].append(sgemm_rate(2 * args.batch, bare.cfg))
         for kind in runs:  # interleaved, so a change in machine load hits every model alike
+            fusion[0] = 0.0
             times[kind].append(run(kind, r))
-    return {kind: min(v) for kind, v in times.items()}
+            if kind == "ka_mig":
+                times["fusion"].append(fusion[0])
+    return times
 
 
 def train_step_cost(mode, args):
@@ -112,10 +171,9 @@ def child(args):
     import torch
     torch.set_num_threads(args.threads)
     if args.measure == "sample":
-        t = time_sampling(args)
-        print("RESULT", t["autonat"], t["ka_mig"], t["ka_mig_uncached"])
+        print("RESULT", json.dumps(time_sampling(args)))
     else:
-        print("RESULT", *train_step_cost(args.measure.split(":")[1], args))
+        print("RESULT", json.dumps(train_step_cost(args.measure.split(":")[1], args)))
 
 
 def measure(args, what):
@@ -124,7 +182,34 @@ def measure(args, what):
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT")]
     if out.returncode or not lines:
         raise SystemExit(f"{what} failed:\n{out.stderr[-3000:]}")
-    return [float(x) for x in lines[-1].split()[1:]]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def print_sampling(t, args):
+    """Prints the sampling table and the figures behind it."""
+    names = {"autonat": "AutoNAT-L backbone", "ka_mig": "KA-MIG, cached fast path",
+             "ka_mig_uncached": "KA-MIG, recomputing graphs every forward",
+             "autonat_mkl": "AutoNAT-L backbone, default MKL linears (CPU_INFERENCE_ONEDNN off)"}
+    bare = min(t["autonat"])
+    print(f"\n| sampling ({args.batch} images) | seconds (min) | images/s | vs backbone | every run, s |"
+          f"\n|---|---|---|---|---|")
+    for kind, name in names.items():
+        if kind not in t:
+            continue
+        s = min(t[kind])
+        print(f"| {name} | {s:.2f} | {args.batch / s:.3f} | {100 * (s / bare - 1):+.1f}% | "
+              f"{' '.join(f'{x:.1f}' for x in t[kind])} |")
+    ratios = [k / b for k, b in zip(t["ka_mig"], t["autonat"])]  # run i of each model ran back to back
+    print(f"\ncached KA-MIG / backbone, paired by repeat: {' '.join(f'{100 * (x - 1):+.1f}%' for x in ratios)}")
+    if t["fusion"] and any(t["fusion"]):  # timed inside the cached runs: the fusion's own cost
+        print(f"time inside the cached fusion (class terms + 25 table lookups per forward), per cached run: "
+              + " ".join(f"{f:.2f} s ({100 * f / k:.2f}%)" for f, k in zip(t["fusion"], t["ka_mig"])))
+    print(f"token tables (GCNs + 25 folded convs), built once per set of weights before timing: {t['tables']:.2f} s")
+    if t["sgemm"]:
+        rate = max(t["sgemm"])
+        print(f"backbone matmuls + attention: {t['flops'] / 1e12:.2f} TFLOP per sampling run; this machine's fp32 "
+              f"GEMM at the fc1 shape: {' '.join(f'{x / 1e9:.0f}' for x in t['sgemm'])} GFLOP/s (one per repeat), "
+              f"that is {t['flops'] / rate:.1f} s of pure GEMM at the best rate, whatever the implementation")
 
 
 def main():
@@ -135,7 +220,7 @@ def main():
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--warmup", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--skip-train", action="store_true")
@@ -147,12 +232,8 @@ def main():
     print(f"device {args.device}, {args.threads} threads, batch {args.batch} (x2 with guidance), T=8, "
           f"{args.precision}{', torch.compile' if args.compile else ''}; sampling runs interleaved in one "
           f"process, min of {args.repeats}; training rows each in their own process")
-    bare, fast, slow = measure(args, "sample")
-    rows = [("AutoNAT-L backbone", bare), ("KA-MIG, cached fast path", fast),
-            ("KA-MIG, recomputing graphs every forward", slow)]
-    print(f"\n| sampling ({args.batch} images) | seconds | images/s | vs backbone |\n|---|---|---|---|")
-    for name, s in rows:
-        print(f"| {name} | {s:.2f} | {args.batch / s:.3f} | {100 * (s / bare - 1):+.1f}% |")
+    t = measure(args, "sample")
+    print_sampling(t, args)
     packed_mb = 1000 * 256 * 128 / 2 ** 20
     dense_mb = 1000 * 256 * 1024 * 4 / 2 ** 20
     print(f"\nincompatibility prior for 1000 classes on device: {packed_mb:.1f} MiB packed bits "

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from libs import metrics
 from libs.checkpoint import atomic_write
-from libs.inception import CONVERTED_CACHE, load_feature_extractor
+from libs.inception import CONVERTED_CACHE, image_batch, load_feature_extractor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -105,17 +105,9 @@ def load_image_batch_source(path) -> ImageSource:
 
 def quantize_uint8(images):
     """uint8 [B,H,W,3] of a batch: uint8 [B,H,W,3] as is, float [B,3,H,W] in [0,1] rounded like save_image."""
-    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
-    if x.ndim != 4:
-        raise ValueError(f"an image batch must be 4-D, got shape {tuple(x.shape)}")
+    x = image_batch(images)
     if x.dtype == torch.uint8:
-        if x.shape[-1] != 3:
-            raise ValueError(f"uint8 images must be [B,H,W,3], got shape {tuple(x.shape)}")
         return x
-    if not x.is_floating_point() or x.shape[1] != 3:
-        raise ValueError(f"images must be uint8 [B,H,W,3] or float [B,3,H,W] in [0,1], got {x.dtype} {tuple(x.shape)}")
-    if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError(f"float images must be in [0,1], got range [{float(x.min()):.3f}, {float(x.max()):.3f}]")
     # same rounding as torchvision.utils.save_image: x*255 + 0.5, clamped, truncated
     return (x.float() * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # [B,H,W,3]
 

@@ -247,6 +247,21 @@ def full_fp32(device: torch.device):
             torch.backends.cuda.matmul.allow_tf32 = old_matmul
 
 
+def image_batch(images) -> torch.Tensor:
+    """Checks a batch: uint8 [B,H,W,3] or float [B,3,H,W] in [0,1] (array or tensor) -> the same as a tensor."""
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+    if x.ndim != 4:
+        raise ValueError(f"an image batch must be 4-D, got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        if x.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be [B,H,W,3], got shape {tuple(x.shape)}")
+    elif not x.is_floating_point() or x.shape[1] != 3:
+        raise ValueError(f"images must be uint8 [B,H,W,3] or float [B,3,H,W] in [0,1], got {x.dtype} {tuple(x.shape)}")
+    elif x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"float images must be in [0,1], got range [{float(x.min()):.3f}, {float(x.max()):.3f}]")
+    return x
+
+
 class FeatureExtractor(nn.Module):
     """pytorch-fid's FID Inception pipeline: resize to 299 bilinear, 2x-1, blocks 0-3 -> pool3 (+ fc logits)."""
 
@@ -269,21 +284,11 @@ class FeatureExtractor(nn.Module):
 
     def preprocess(self, images) -> torch.Tensor:
         """uint8 [B,H,W,3] or float [B,3,H,W] in [0,1] -> float [B,3,299,299] in [-1,1] on the module's device."""
-        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
-        if x.ndim != 4:
-            raise ValueError(f"images must be a 4-D batch, got shape {tuple(x.shape)}")
+        x = image_batch(images)
         if x.dtype == torch.uint8:
-            if x.shape[-1] != 3:
-                raise ValueError(f"uint8 images must be [B,H,W,3], got shape {tuple(x.shape)}")
             x = x.to(self.device).permute(0, 3, 1, 2).float() / 255.0  # [B,3,H,W] in [0,1]
-        elif x.is_floating_point():
-            if x.shape[1] != 3:
-                raise ValueError(f"float images must be [B,3,H,W], got shape {tuple(x.shape)}")
-            x = x.to(self.device, torch.float32)
-            if x.numel() and (x.min() < 0 or x.max() > 1):
-                raise ValueError(f"float images must be in [0,1], got range [{x.min():.3f}, {x.max():.3f}]")
         else:
-            raise ValueError(f"images must be uint8 [B,H,W,3] or float [B,3,H,W], got dtype {x.dtype}")
+            x = x.to(self.device, torch.float32)
         # as pytorch_fid.inception.InceptionV3(resize_input=True, normalize_input=True)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # [B,3,299,299]
         return 2 * x - 1

@@ -88,18 +88,28 @@ def png_ok(path) -> bool:
 
 
 def labelled_grid(images: np.ndarray, labels, names=None, columns=None) -> Image.Image:
-    """A grid PNG of uint8 [N,H,W,3] with one 'class k' caption above each image."""
+    """A grid PNG of uint8 [N,H,W,3] with captions: one per row when the row is one class, else one per image."""
     n, h, w, _ = images.shape
     columns = columns or min(n, 8)
     rows = math.ceil(n / columns)
     caption = 14
     grid = Image.new("RGB", (columns * w, rows * (h + caption)), "white")
     draw = ImageDraw.Draw(grid)
-    for k in range(n):
-        r, c = divmod(k, columns)
-        grid.paste(Image.fromarray(images[k]), (c * w, r * (h + caption) + caption))
+
+    def label(k, width):  # about 6 px per character of PIL's default font
         text = names[int(labels[k])] if names else f"class {int(labels[k])}"
-        draw.text((c * w + 2, r * (h + caption) + 1), str(text)[: max(4, w // 6)], fill="black")
+        return str(text)[: max(4, width // 6)]
+
+    for r in range(rows):
+        row = range(r * columns, min(n, (r + 1) * columns))
+        one_class = len({int(labels[k]) for k in row}) == 1
+        for k in row:
+            c = k - r * columns
+            grid.paste(Image.fromarray(images[k]), (c * w, r * (h + caption) + caption))
+            if not one_class:
+                draw.text((c * w + 2, r * (h + caption) + 1), label(k, w), fill="black")
+        if one_class:
+            draw.text((2, r * (h + caption) + 1), label(row[0], len(row) * w), fill="black")
     return grid
 
 

@@ -100,14 +100,19 @@ def write_reference_stats(path, extractor, n=8, seed=0):
     return path
 
 
-def test_generate_npz_writes_metrics_and_refuses_bad_reference(tiny_assets, tmp_path, use_fid_extractor):
+def test_generate_npz_writes_metrics_and_refuses_bad_reference(tiny_assets, tmp_path, use_fid_extractor, monkeypatch):
     import generate_npz
     import json
+    from libs import inception
     root, overrides = tiny_assets
     ref = write_reference_stats(tmp_path / "ref.npz", use_fid_extractor)
+    calls = []
+    monkeypatch.setattr(inception, "load_feature_extractor", lambda *a, **k: calls.append(k) or use_fid_extractor)
     args = ["--checkpoint", str(root / "ka_mig.pth"), "--num-samples", "6", "--batch-size", "3",
             "--device", "cpu", *overrides]
-    generate_npz.main(args + ["--out", str(tmp_path / "ok"), "--ref-stats", str(ref)])
+    generate_npz.main(args + ["--out", str(tmp_path / "ok"), "--ref-stats", str(ref),
+                              "--inception-cache", str(tmp_path / "inception.pth")])
+    assert calls[0]["cache"] == str(tmp_path / "inception.pth")  # the flag reaches the loader
     metrics = json.loads((tmp_path / "ok" / "metrics.json").read_text())
     assert np.isfinite(metrics["fid"]) and metrics["n"] == 6
     assert metrics["inception_weights"] == use_fid_extractor.source
@@ -118,3 +123,19 @@ def test_generate_npz_writes_metrics_and_refuses_bad_reference(tiny_assets, tmp_
     with pytest.raises(ValueError, match="feature dimension mismatch"):
         generate_npz.main(args + ["--out", str(tmp_path / "dim"), "--ref-stats", str(tmp_path / "wrong_dim.npz")])
     assert not (tmp_path / "dim" / "metrics.json").exists()
+
+
+def test_labelled_grid_places_images_and_captions():
+    from libs.sampling import labelled_grid
+    h = w = 32
+    images = np.full((8, h, w, 3), 200, np.uint8)
+    images[5] = 7  # a marked image: row 1, column 1 of a 4-column grid
+    names = {0: "goldfish, Carassius auratus", 1: "great white shark"}
+    grid = np.asarray(labelled_grid(images, np.array([0] * 4 + [1] * 4), names, columns=4).convert("L"))
+    assert grid.shape == (2 * (h + 14), 4 * w)
+    assert (grid[h + 14 + 14:, w:2 * w] == 7).all()  # image 5 below row 1's caption strip
+    inked = grid[:14] < 128  # row 0's caption strip: one class -> one caption running past the first image
+    assert inked[:, :w].any() and inked[:, w:].any()
+    mixed = np.asarray(labelled_grid(images[:4], np.array([0, 1, 0, 1]), names, columns=4).convert("L"))
+    for c in range(4):  # a mixed row: every image gets its own caption
+        assert (mixed[:14, c * w:(c + 1) * w] < 128).any()

@@ -232,6 +232,19 @@ def test_quantize_uint8_rounds_like_saved_png(tmp_path):
         fid_stats.quantize_uint8(x * 2 - 1)
 
 
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((5, 6, 3), np.uint8), "4-D"),
+    (np.zeros((2, 3, 5, 6), np.uint8), r"\[B,H,W,3\]"),
+    (np.zeros((2, 5, 6, 3), np.float32), r"float \[B,3,H,W\]"),
+    (np.zeros((2, 5, 6, 3), np.int32), "uint8"),
+])
+def test_bad_image_batches_are_refused(bad, message):
+    from libs.inception import image_batch  # the check FeatureExtractor.preprocess runs
+    for check in (fid_stats.quantize_uint8, image_batch):
+        with pytest.raises(ValueError, match=message):
+            check(bad)
+
+
 def test_reference_stats_roundtrip_and_adm_layout(tmp_path):
     ex = TinyExtractor()
     images = random_images(12)
