@@ -2,8 +2,11 @@
 
     python benchmarks/sampling.py                    # CPU, 2 threads, batch 4, T=8, guidance
     python benchmarks/sampling.py --device cuda --batch 125 --precision bf16 --compile
-Prints one table. Weights are random (same backbone weights in both models, non-zero fusion convs), so
-the figures are costs, not image quality. Graphs: the released G_co / G_s, random G_p for 1000 classes.
+Prints the sampling table (every run, paired ratios, the time spent inside the cached fusion, and the
+GEMM-rate floor of the backbone), then the training-step table on CPU. Weights are random (same backbone
+weights in both models, non-zero fusion convs), so the figures are costs, not image quality. Graphs:
+the released G_co / G_s, random G_p for 1000 classes. On CPU an extra row runs the backbone with plain
+F.linear (MKL) instead of the default oneDNN linears.
 """
 import argparse
 import contextlib
@@ -107,7 +110,8 @@ def time_sampling(args):
     def run(kind, seed):
         model, cached = runs[kind]
         model.use_inference_cache = cached
-        autonat.CPU_INFERENCE_ONEDNN = kind != "autonat_mkl"
+        if "autonat_mkl" in runs:
+            autonat.CPU_INFERENCE_ONEDNN = kind != "autonat_mkl"
         if args.compile and kind not in compiled:
             compiled[kind] = torch.compile(model)
         forward = compiled.get(kind, model)

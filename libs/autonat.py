@@ -1,4 +1,5 @@
 """AutoNAT backbone: a U-ViT over VQ tokens with long skips and a tied MLM head (SPEC §2)."""
+import os
 from dataclasses import dataclass, asdict
 
 import torch
@@ -7,8 +8,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # fp32 CPU inference runs the linear layers through oneDNN: same numbers to ~1e-6, 10-20% faster than the
-# default MKL GEMM on this project's AMD CPUs (benchmarks/RESULTS.md). False: always F.linear.
-CPU_INFERENCE_ONEDNN = True
+# default MKL GEMM on this project's AMD CPUs (benchmarks/RESULTS.md). False (or KA_MIG_CPU_ONEDNN=0): F.linear.
+CPU_INFERENCE_ONEDNN = os.environ.get("KA_MIG_CPU_ONEDNN", "1") != "0"
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 
 
