@@ -203,8 +203,7 @@ class KAMIG(AutoNAT):
 
     def graph_features(self, ids, class_ids, reps=None, prior=None) -> GraphFeatures:
         """Gathers node representations at the input ids ([MASK] -> zero row) and the class prior."""
-        if not self.has_graphs:
-            raise RuntimeError("KAMIG has no graphs: call set_graphs(...) (see libs.graph_io loaders)")
+        self.require_graphs()
         reps = self.node_representations() if reps is None else reps
         K = self.cfg.codebook_size
         not_masked = (ids != self.mask_token_id)[..., None]  # [B,L,1]
@@ -240,7 +239,9 @@ class KAMIG(AutoNAT):
         x = self.embed(ids, class_ids)
         if feats is None and self.use_inference_cache and not self.training and not torch.is_grad_enabled():
             inject = self.cached_injection(ids, class_ids.view(-1))  # same numbers, a fraction of the work
-        else:
+        elif feats is None and self.use_fusion_tables:
+            inject = self.table_injection(ids, class_ids.view(-1))  # same numbers, differentiable
+        else:  # the paper's arithmetic: every fusion conv on every token (the oracle of the two paths above)
             feats = self.graph_features(ids, class_ids) if feats is None else feats
 
             def inject(j, h):
@@ -248,6 +249,57 @@ class KAMIG(AutoNAT):
                 return h if term is None else h + term
 
         return self.head(self.forward_blocks(x, inject))
+
+    # --- fusion tables: zero_convs[p] applied to the K node representations once, then gathered per token.
+    # conv(co[ids]) + conv(sim[ids]) == (W(co + sim) + 2b)[ids], so the per-token convs of the positive
+    # graphs (two [B*L,dim] x [dim,dim] matmuls per block) become one [K,dim] x [dim,dim] per block.
+
+    use_fusion_tables = True
+
+    def fusion_tables(self):
+        """[points,K+1,dim] (differentiable): zero_convs[p] over both positive graphs' GCN outputs per token id,
+        row K (the [MASK] id) zero; None when both positive graphs are off."""
+        with torch.autocast(self.token_emb.word_embeddings.weight.device.type, enabled=False):
+            reps = self.node_representations()
+            pos = [reps[k] for k in ("co", "sim") if k in reps]
+            if not pos:
+                return None
+            summed = sum(pos)  # [K,dim]; the two graphs share each point's conv
+            convs = self.graph_layer.zero_convs
+            weight = torch.stack([c.weight[:, :, 0] for c in convs]).float()  # [P,dim,dim]
+            bias = torch.stack([c.bias for c in convs]).float()  # [P,dim]
+            tables = summed @ weight.transpose(1, 2) + len(pos) * bias[:, None]  # [P,K,dim]
+            return F.pad(tables, (0, 0, 0, 1))  # + a zero row for the [MASK] id: [P,K+1,dim]
+
+    def table_injection(self, ids, class_ids):
+        """inject(j, x) of the training path: table lookups for the positive graphs, per-token conv of the prior."""
+        self.require_graphs()
+        prior = self.class_prior(class_ids) if self.graph_cfg.use_incompat else None  # [B,L,dim]
+
+        def negative(point, dtype):  # [B,L,dim]
+            return conv1x1(self.graph_layer.zero_convs_pos[point], prior.to(dtype))
+
+        return self.lookup_injection(ids, self.fusion_tables(), negative if prior is not None else None)
+
+    def lookup_injection(self, ids, tables, negative):
+        """inject(j, x): x[:, 1:] += tables[point][ids] - negative(point); the class position is unchanged."""
+        last = self.graph_layer.num_points - 1
+
+        def inject(j, h):
+            point = last - j  # point j uses conv index 24-j
+            term = F.embedding(ids, tables[point]) if tables is not None else None  # [B,L,dim]
+            if negative is not None:
+                term = -negative(point, h.dtype) if term is None else term - negative(point, h.dtype)
+            if term is None:
+                return h
+            return torch.cat([h[:, :1], h[:, 1:] + term.to(h.dtype)], dim=1)
+
+        return inject
+
+    def require_graphs(self):
+        """Raises a clear error when set_graphs was never called."""
+        if not self.has_graphs:
+            raise RuntimeError("KAMIG has no graphs: call set_graphs(...) (see libs.graph_io loaders)")
 
     # --- inference fast path: per-weights token tables and per-batch class terms
 
@@ -267,21 +319,8 @@ class KAMIG(AutoNAT):
             cache.clear()
             cache["version"] = version
         if "tables" not in cache:
-            cache["tables"] = self._build_tables()
+            cache["tables"] = self.fusion_tables()
         return cache["tables"]
-
-    def _build_tables(self):
-        with torch.autocast(self.token_emb.word_embeddings.weight.device.type, enabled=False):
-            reps = self.node_representations()
-            pos = [reps[k] for k in ("co", "sim") if k in reps]
-            if pos:
-                summed = sum(pos)  # [K,dim]; the two graphs share each point's conv
-                convs = self.graph_layer.zero_convs
-                weight = torch.stack([c.weight[:, :, 0] for c in convs]).float()  # [P,dim,dim]
-                bias = torch.stack([c.bias for c in convs]).float()  # [P,dim]
-                tables = summed @ weight.transpose(1, 2) + len(pos) * bias[:, None]  # [P,K,dim]
-                return F.pad(tables, (0, 0, 0, 1))  # + a zero row for the [MASK] id: [P,K+1,dim]
-        return None
 
     @torch.no_grad()
     def class_terms(self, class_ids):
@@ -304,24 +343,12 @@ class KAMIG(AutoNAT):
 
     def cached_injection(self, ids, class_ids):
         """inject(j, x) of the fast path: one table lookup ([MASK] -> zero row) and one class-term gather."""
-        if not self.has_graphs:
-            raise RuntimeError("KAMIG has no graphs: call set_graphs(...) (see libs.graph_io loaders)")
+        self.require_graphs()
         tables = self.token_tables()  # [P,K+1,dim], row K (the [MASK] id) is zero
-        class_terms = self.class_terms(class_ids) if self.graph_cfg.use_incompat else None
-        last = self.graph_layer.num_points - 1
-
-        def inject(j, h):
-            if tables is None and class_terms is None:
-                return h
-            if tables is not None:
-                term = F.embedding(ids, tables[last - j])  # [B,L,dim]
-                if class_terms is not None:
-                    term.sub_(class_terms[0][last - j].index_select(0, class_terms[1]))
-            else:
-                term = -class_terms[0][last - j].index_select(0, class_terms[1])
-            return torch.cat([h[:, :1], h[:, 1:] + term.to(h.dtype)], dim=1)  # class position unchanged
-
-        return inject
+        if not self.graph_cfg.use_incompat:
+            return self.lookup_injection(ids, tables, None)
+        terms, inverse = self.class_terms(class_ids)  # [P,U,L,dim], [B]
+        return self.lookup_injection(ids, tables, lambda point, dtype: terms[point].index_select(0, inverse))
 
 
 def trainable_prefixes(mode: str) -> Tuple[str, ...]:

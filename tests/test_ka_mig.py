@@ -201,13 +201,40 @@ def test_cached_inference_path_equals_reference(flags):
     ids = torch.randint(0, K + 1, (6, L))
     cls = torch.tensor([0, 1, 2, 4, 4, 3])
     with torch.no_grad():
-        model.use_inference_cache = False
-        reference = model(ids, cls)
-        model.use_inference_cache = True
+        model.use_inference_cache, model.use_fusion_tables = False, False
+        reference = model(ids, cls)  # every fusion conv on every token
+        model.use_inference_cache, model.use_fusion_tables = True, True
         fast = model(ids, cls)
         again = model(ids, cls)  # served from the cache
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
     assert torch.equal(fast, again)
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(use_co=False), dict(use_incompat=False),
+                                   dict(use_co=False, use_sim=False)])
+def test_fusion_tables_equal_per_token_convs_in_training(flags):
+    """The training path (conv folded into [K,dim] tables) gives the per-token convs' loss and gradients."""
+    model, _ = tiny_ka_mig(GraphConfig(gcn_hidden=32, **flags))
+    randomise_fusion(model)
+    model.eval()  # no dropout, but gradients on: the cache is bypassed
+    ids = torch.randint(0, K + 1, (6, L))
+    ids[0, :5] = K
+    cls = torch.tensor([0, 1, 2, 4, 4, 3])
+    target = torch.randn(6, L, K)
+    results = []
+    for tables in (False, True):
+        model.use_fusion_tables = tables
+        model.zero_grad(set_to_none=True)
+        out = model(ids, cls)
+        (out * target).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("graph_layer.")}
+        results.append((out.detach(), grads))
+    (reference, ref_grads), (fast, fast_grads) = results
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+    assert ref_grads.keys() == fast_grads.keys() and len(ref_grads) > 0
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], atol=1e-4, rtol=1e-4, msg=name)
+    assert any(g.abs().sum() > 0 for g in fast_grads.values())
 
 
 def test_inference_cache_is_invalidated_by_weight_changes():
@@ -217,8 +244,9 @@ def test_inference_cache_is_invalidated_by_weight_changes():
         before = model(ids, cls)
         randomise_fusion(model)  # in-place parameter update (like an optimizer step)
         after = model(ids, cls)
-        model.use_inference_cache = False
+        model.use_inference_cache, model.use_fusion_tables = False, False
         reference = model(ids, cls)
+        model.use_fusion_tables = True
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, reference, atol=1e-5, rtol=0)
     with torch.no_grad():
