@@ -289,7 +289,7 @@ class KAMIG(AutoNAT):
             point = last - j  # point j uses conv index 24-j
             term = F.embedding(ids, tables[point]) if tables is not None else None  # [B,L,dim]
             if negative is not None:
-                term = -negative(point, h.dtype) if term is None else term - negative(point, h.dtype)
+                term = -negative(point, h.dtype) if term is None else term.sub_(negative(point, h.dtype))
             if term is None:
                 return h
             return torch.cat([h[:, :1], h[:, 1:] + term.to(h.dtype)], dim=1)
