@@ -16,20 +16,15 @@ if str(REPO_ROOT) not in sys.path:
 
 
 def main(argv=None):
-    from libs.config import split_overrides
+    from libs.demo_pipeline import StageFailed, build_assets, load_demo_config, parse_demo_args
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.py", help="demo config (tokenizer sizes and training)")
     parser.add_argument("--backbone-config", default="configs/demo_backbone.py", help="backbone pretraining config")
     parser.add_argument("--assets", default=None, help="where the weights go (default config.demo.assets)")
     parser.add_argument("--work", default="output/demo_assets", help="work folder (tokens, checkpoints, logs)")
     parser.add_argument("--data", default=None, help="data root (default config.demo.data_root)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per stage (default 0: all cores, or 1 on an already busy machine)")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    overrides, rest = split_overrides(argv)
-    args = parser.parse_args(rest)
+    args, overrides = parse_demo_args(parser, argv)
 
-    from libs.demo_pipeline import StageFailed, build_assets, load_demo_config
     try:
         config = load_demo_config(args.config, overrides)
         load_demo_config(args.backbone_config, overrides)

@@ -17,7 +17,7 @@ if str(REPO_ROOT) not in sys.path:
 
 
 def main(argv=None):
-    from libs.config import split_overrides
+    from libs.demo_pipeline import StageFailed, load_demo_config, parse_demo_args, run_demo
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None,
                         help="demo config (default configs/demo.py, or configs/demo_smoke.py with --smoke); "
@@ -26,13 +26,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="output folder (default config.output_dir)")
     parser.add_argument("--data", default=None, help="data root for the ImageFolder trees (default config.demo.data_root)")
     parser.add_argument("--assets", default=None, help="folder of the demo weights (default config.demo.assets)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per stage (default 0: all cores, or 1 on an already busy machine)")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    overrides, rest = split_overrides(argv)
-    args = parser.parse_args(rest)
+    args, overrides = parse_demo_args(parser, argv)
 
-    from libs.demo_pipeline import StageFailed, load_demo_config, run_demo
     config_file = args.config or ("configs/demo_smoke.py" if args.smoke else "configs/demo.py")
     try:
         config = load_demo_config(config_file, overrides)  # unknown keys fail here, before any work

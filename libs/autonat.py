@@ -10,7 +10,8 @@ from torch.utils.checkpoint import checkpoint
 # fp32 CPU inference runs the linear layers through oneDNN: same numbers to ~1e-6, 10-20% faster than the
 # default MKL GEMM on this project's AMD CPUs (benchmarks/RESULTS.md). False (or KA_MIG_CPU_ONEDNN=0): F.linear.
 CPU_INFERENCE_ONEDNN = os.environ.get("KA_MIG_CPU_ONEDNN", "1") != "0"
-_ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+_ONEDNN_LINEAR = (getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+                  if torch.backends.mkldnn.is_available() else None)
 
 
 def _cpu_autocast_on() -> bool:
@@ -24,7 +25,7 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True for fp32 CPU inference (no grad, no autocast) when torch has oneDNN's fused linear."""
     return (CPU_INFERENCE_ONEDNN and _ONEDNN_LINEAR is not None and x.device.type == "cpu"
             and x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_grad_enabled()
-            and torch.backends.mkldnn.is_available() and not _cpu_autocast_on())
+            and not _cpu_autocast_on())
 
 
 def linear(x, weight, bias=None, gelu=False):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from libs.checkpoint import atomic_write
-from libs.config import load_config_file, apply_override
+from libs.config import apply_override, load_config_file, split_overrides
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CO_FILE = "codebook_co_occurrence_norm_self_50.pkl"   # names written by graph_construction/build_graphs.py
@@ -35,6 +35,14 @@ ASSET_OUTPUTS = ("logs", "tokens", "backbone", "tokenizer.pth", "tokenizer.pth.j
 
 class StageFailed(RuntimeError):
     """A pipeline stage exited with a non-zero status."""
+
+
+def parse_demo_args(parser, argv=None):
+    """Adds the demo drivers' shared --threads flag and parses argv; -> (args, --config.<key>=<value> overrides)."""
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per stage (default 0: all cores, or 1 on an already busy machine)")
+    overrides, rest = split_overrides(sys.argv[1:] if argv is None else list(argv))
+    return parser.parse_args(rest), overrides
 
 
 def pick_threads(requested: int = 0) -> tuple:
