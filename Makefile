@@ -17,11 +17,11 @@ test: setup
 
 # CPU demo (issue 6): the whole pipeline on procedural images with the committed demo weights; output/demo/
 demo: setup
-	$(PY) demo/run_demo.py $(DEMO_ARGS)
+	$(PY) -m demo.run_demo $(DEMO_ARGS)
 
 # rebuilds demo/assets/ (demo tokenizer + backbone) with the repo's own training entry points
 demo-assets: setup
-	$(PY) demo/make_assets.py $(DEMO_ARGS)
+	$(PY) -m demo.make_assets $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     from libs.checkpoint import MissingAssetError
     from libs.config import parse_args_with_config
-    from libs.token_dataset import (Distributed, MissingTokenDatasetError, StopRequested, TokenDatasetError,
+    from libs.data.tokens import (Distributed, MissingTokenDatasetError, StopRequested, TokenDatasetError,
                                     extract_token_dataset)
 
     args, config = parse_args_with_config(build_parser(), "configs/ka_mig_l.py", argv)

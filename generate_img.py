@@ -12,7 +12,7 @@ from pathlib import Path
 
 def main(argv=None):
     from libs.config import parse_args_with_config
-    from libs.sampling import add_sampling_flags
+    from libs.sampling.generation import add_sampling_flags
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_flags(parser)
     parser.add_argument("--classes", type=int, nargs="+", default=[88, 207, 279, 360, 387, 388, 417, 974],
@@ -24,7 +24,7 @@ def main(argv=None):
     import numpy as np
     import torch
     from tqdm import tqdm
-    from libs.sampling import (class_names_of, index_generators, labelled_grid, load_models, pick_device,
+    from libs.sampling.generation import (class_names_of, index_generators, labelled_grid, load_models, pick_device,
                                sample_images, save_png, schedule_from_flags)
     from libs.checkpoint import atomic_write
 

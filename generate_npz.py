@@ -11,7 +11,7 @@ from pathlib import Path
 
 def main(argv=None):
     from libs.config import parse_args_with_config
-    from libs.sampling import add_sampling_flags
+    from libs.sampling.generation import add_sampling_flags
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_flags(parser)
     parser.add_argument("--num-samples", "--num", dest="num", type=int, default=50_000,
@@ -21,7 +21,7 @@ def main(argv=None):
                         help="balanced: index i has class i mod C (50 per class for 50K); random: seeded uniform")
     parser.add_argument("--out", default="output/npz", help="output folder (samples/, samples.npz, metrics.json)")
     parser.add_argument("--ref-stats", default="assets/VIRTUAL_imagenet256_labeled.npz",
-                        help="reference statistics npz with mu/sigma (ADM's batch or python -m libs.fid_stats)")
+                        help="reference statistics npz with mu/sigma (ADM's batch or python -m libs.evaluation.fid_stats)")
     parser.add_argument("--inception-weights", default=None,
                         help="pytorch-fid FID weights (default assets/pt_inception-2015-12-05-6726825d.pth, "
                              "else the converted offline TF-Inception port)")
@@ -38,7 +38,7 @@ def main(argv=None):
     from tqdm import tqdm
     from libs.checkpoint import atomic_write
     from libs.distributed import Distributed
-    from libs.sampling import (class_labels, index_generators, load_models, pick_device, png_ok,
+    from libs.sampling.generation import (class_labels, index_generators, load_models, pick_device, png_ok,
                                sample_images, save_png, schedule_from_flags)
 
     dist = Distributed()
@@ -50,7 +50,7 @@ def main(argv=None):
     sample_dir = out / "samples"
     if not args.no_fid and not Path(args.ref_stats).is_file():
         raise SystemExit(f"reference statistics not found: {args.ref_stats} (make them with "
-                         f"`python -m libs.fid_stats --images <real images> --out ref.npz` or pass --no-fid)")
+                         f"`python -m libs.evaluation.fid_stats --images <real images> --out ref.npz` or pass --no-fid)")
     schedule = schedule_from_flags(config, args.schedule, args.steps, args.cfg, args.temp)
     tokenizer, model = load_models(config, args.model, args.checkpoint, device)
     labels = class_labels(args.num, config.model.num_classes, args.labels, args.seed)
@@ -87,8 +87,8 @@ def main(argv=None):
         atomic_write(out / "samples.npz", write_npz)
         print(f"wrote {out / 'samples.npz'} {arr.shape}")
         if not args.no_fid:
-            from libs.fid_stats import compute_metrics, load_reference_stats
-            from libs.inception import CONVERTED_CACHE, load_feature_extractor
+            from libs.evaluation.fid_stats import compute_metrics, load_reference_stats
+            from libs.evaluation.inception import CONVERTED_CACHE, load_feature_extractor
             extractor = load_feature_extractor(args.inception_weights, cache=args.inception_cache or CONVERTED_CACHE,
                                                device=device)
             ref = load_reference_stats(args.ref_stats, extractor=extractor)

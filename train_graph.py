@@ -14,8 +14,8 @@ def main(argv=None):
                         help="testing aid: SIGKILL every process right after this step (and its checkpoint)")
     args, config = parse_args_with_config(parser, "configs/ka_mig_l.py", argv)
 
-    from libs.token_dataset import load_tokens
-    from libs.train import Trainer
+    from libs.data.tokens import load_tokens
+    from libs.training.trainer import Trainer
     try:
         tokens, labels, meta = load_tokens(config.data.path, codebook_size=config.model.codebook_size)
     except (FileNotFoundError, ValueError) as e:
@@ -29,7 +29,7 @@ def main(argv=None):
     trainer = Trainer(config, tokens, labels)
     eval_fn = None
     if config.train.fid_interval > 0:
-        from libs.evaluation import periodic_fid
+        from libs.training.periodic_fid import periodic_fid
         eval_fn = periodic_fid
     trainer.fit(eval_fn=eval_fn, crash_after_step=args.crash_after_step)
 

@@ -1,7 +1,7 @@
 """Benchmark of the graph builders at ImageNet size (issue 3): time and peak memory per graph.
 
-    python benchmarks/graphs.py                  # 1,281,167 random 16x16 maps, 1024 codes, 1000 classes
-    python benchmarks/graphs.py --maps 200000    # smaller
+    python -m benchmarks.graphs                  # 1,281,167 random 16x16 maps, 1024 codes, 1000 classes
+    python -m benchmarks.graphs --maps 200000    # smaller
 
 G_co and G_s are built from a seeded 50K-map subset (as the paper), G_p from all maps; G_co is also
 built from all maps. Peak memory is reported three ways: the process's resident set sampled during
@@ -17,13 +17,10 @@ import time
 import tracemalloc
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 
-from libs import graphs as G  # noqa: E402
+from libs.graphs import recipes as G  # noqa: E402
 
 GIB = 2 ** 30
 

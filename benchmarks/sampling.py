@@ -1,7 +1,7 @@
 """Sampling and training cost of KA-MIG vs the bare AutoNAT backbone, AutoNAT-L sizes (issue 7).
 
-    python benchmarks/sampling.py                    # CPU, 2 threads, batch 4, T=8, guidance
-    python benchmarks/sampling.py --device cuda --batch 125 --precision bf16 --compile
+    python -m benchmarks.sampling                    # CPU, 2 threads, batch 4, T=8, guidance
+    python -m benchmarks.sampling --device cuda --batch 125 --precision bf16 --compile
 Prints the sampling table (every run, paired ratios, the time spent inside the cached fusion, and the
 GEMM-rate floor of the backbone), then the training-step table on CPU. Weights are random (same backbone
 weights in both models, non-zero fusion convs), so the figures are costs, not image quality. Graphs:
@@ -18,18 +18,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def build(kind, device, seed=0):
     import torch
-    from libs.autonat import AutoNAT
-    from libs.ka_mig import KAMIG
+    from libs.models.autonat import AutoNAT
+    from libs.models.ka_mig import KAMIG
     torch.manual_seed(seed)
     backbone = AutoNAT()
     if kind == "autonat":
         return backbone.eval().to(device)
-    from libs.graph_io import load_edge_graph
+    from libs.graphs.files import load_edge_graph
     graphs_dir = REPO / "tests" / "compat" / "official_graph_prior"
     g = torch.Generator().manual_seed(1)
     graphs = dict(co=load_edge_graph(graphs_dir / "codebook_co_occurrence_norm_self_50.pkl"),
@@ -56,7 +55,7 @@ def matmul_flops(cfg, rows: int, steps: int) -> float:
 def sgemm_rate(rows: int, cfg, repeats=20) -> float:
     """Best FLOP/s of this machine's fp32 GEMM at the shape of the backbone's MLP (fc1), as the backbone runs it."""
     import torch
-    from libs.autonat import linear
+    from libs.models.autonat import linear
     x = torch.randn(rows * (cfg.seq_len + 1), cfg.embed_dim)
     w = torch.randn(int(cfg.embed_dim * cfg.mlp_ratio), cfg.embed_dim)
     best = float("inf")
@@ -74,8 +73,8 @@ def time_sampling(args):
     """Seconds per sampling batch of each model and repeat, runs interleaved in one process."""
     import torch
     from configs import autonat_t8_strategy
-    from libs import autonat
-    from libs.nat import generate, schedule_from_config
+    from libs.models import autonat
+    from libs.sampling.decoding import generate, schedule_from_config
     device = torch.device(args.device)
     bare = build("autonat", device)
     ka_mig = build("ka_mig", device)
@@ -146,8 +145,8 @@ def time_sampling(args):
 def train_step_cost(mode, args):
     """Seconds per step and peak RSS of one process doing `mode` steps (AutoNAT-L sizes, small batch)."""
     import torch
-    from libs.nat import make_masked_batch, masked_token_loss
-    from libs.train import freeze_for_mode
+    from libs.training.objective import make_masked_batch, masked_token_loss
+    from libs.training.trainer import freeze_for_mode
     model = build("autonat" if mode == "pretrain" else "ka_mig", "cpu").train()
     if mode == "ka_mig_per_token":  # the paper's arithmetic: both positive convs on every token
         model.use_fusion_tables = False
@@ -183,7 +182,7 @@ def child(args):
 
 
 def measure(args, what):
-    cmd = [sys.executable, __file__, "--measure", what] + [a for a in sys.argv[1:]]
+    cmd = [sys.executable, "-m", "benchmarks.sampling", "--measure", what] + [a for a in sys.argv[1:]]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT")]
     if out.returncode or not lines:

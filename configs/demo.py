@@ -62,7 +62,7 @@ def get_config():
     s.cfg_scale = 2.0
     s.temp = 4.5
 
-    config.tokenizer_train = tt = ml_collections.ConfigDict()  # demo/train_tokenizer.py (libs.vqgan_train)
+    config.tokenizer_train = tt = ml_collections.ConfigDict()  # demo/train_tokenizer.py (demo.tokenizer_training)
     tt.steps = 1500
     tt.batch_size = 32
     tt.lr = 2e-3

@@ -1,4 +1,4 @@
-"""A tiny `make demo` for the tests (`demo/run_demo.py --smoke`): same models and weights, few images and steps."""
+"""A tiny `make demo` for the tests (`python -m demo.run_demo --smoke`): same models and weights, few images and steps."""
 from configs import demo
 
 

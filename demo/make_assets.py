@@ -1,7 +1,7 @@
 """`make demo-assets`: rebuilds the committed demo weights demo/assets/{vqgan_demo.pth,autonat_demo.pth}.
 
-    python demo/make_assets.py                    # configs/demo.py + configs/demo_backbone.py -> demo/assets/
-    python demo/make_assets.py --assets /tmp/a --config.tokenizer_train.steps=10 --config.train.n_steps=10
+    python -m demo.make_assets                    # configs/demo.py + configs/demo_backbone.py -> demo/assets/
+    python -m demo.make_assets --assets /tmp/a --config.tokenizer_train.steps=10 --config.train.n_steps=10
 Recipe (the repo's own entry points, as subprocesses): demo/make_data.py -> demo/train_tokenizer.py ->
 extract_imagenet_feature.py -> train_graph.py (mode pretrain, configs/demo_backbone.py). Writes the two
 weight files, the tokenizer report, the backbone's training log and manifest.json (sizes, sha256, losses, times).
@@ -10,13 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere: `libs` lives in the repo root
 
 
 def main(argv=None):
-    from libs.demo_pipeline import StageFailed, build_assets, load_demo_config, parse_demo_args
+    from demo.pipeline import StageFailed, build_assets, load_demo_config, parse_demo_args
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.py", help="demo config (tokenizer sizes and training)")
     parser.add_argument("--backbone-config", default="configs/demo_backbone.py", help="backbone pretraining config")

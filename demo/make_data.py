@@ -1,7 +1,7 @@
 """Writes the demo's procedural ImageFolder trees <out>/train/<class>/*.png and <out>/val/<class>/*.png.
 
-    python demo/make_data.py                      # data/demo/{train,val} with configs/demo.py sizes
-    python demo/make_data.py --out /tmp/d --config.demo.train_per_class=20
+    python -m demo.make_data                      # data/demo/{train,val} with configs/demo.py sizes
+    python -m demo.make_data --out /tmp/d --config.demo.train_per_class=20
 Classes, image size and seeds come from the config (model.num_classes, tokenizer.resolution,
 demo.data_seed for train, demo.data_seed + 1 for the held-out val split); see libs/demo_data.py.
 """
@@ -9,9 +9,6 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere: `libs` lives in the repo root
 
 
 def main(argv=None):
@@ -21,7 +18,7 @@ def main(argv=None):
     parser.add_argument("--splits", default="train,val", help="comma list of train,val")
     args, config = parse_args_with_config(parser, "configs/demo.py", argv)
 
-    from libs.demo_data import write_demo_splits
+    from demo.procedural_data import write_demo_splits
     out = Path(args.out or config.demo.data_root)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     return write_demo_splits(out, splits, num_classes=config.model.num_classes,

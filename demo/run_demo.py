@@ -1,23 +1,20 @@
 """`make demo`: the whole KA-MIG pipeline end to end on CPU, on procedural images and the committed demo weights.
 
-    python demo/run_demo.py                       # configs/demo.py -> output/demo/
-    python demo/run_demo.py --smoke               # configs/demo_smoke.py: a tiny run for the tests
-    python demo/run_demo.py --config.demo.fid_samples=500 --threads 2
-Runs demo/make_data.py, extract_imagenet_feature.py, graph_construction/build_graphs.py, train_graph.py,
-generate_img.py, python -m libs.fid_stats and generate_npz.py (KA-MIG and the bare backbone) as
+    python -m demo.run_demo                       # configs/demo.py -> output/demo/
+    python -m demo.run_demo --smoke               # configs/demo_smoke.py: a tiny run for the tests
+    python -m demo.run_demo --config.demo.fid_samples=500 --threads 2
+Runs demo.make_data, extract_imagenet_feature.py, graph_construction.build_graphs, train_graph.py,
+generate_img.py, python -m libs.evaluation.fid_stats and generate_npz.py (KA-MIG and the bare backbone) as
 subprocesses; writes grids, metrics.json, summary.txt and logs/ to the output folder.
 """
 import argparse
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere: `libs` lives in the repo root
 
 
 def main(argv=None):
-    from libs.demo_pipeline import StageFailed, load_demo_config, parse_demo_args, run_demo
+    from demo.pipeline import StageFailed, load_demo_config, parse_demo_args, run_demo
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None,
                         help="demo config (default configs/demo.py, or configs/demo_smoke.py with --smoke); "

@@ -1,17 +1,14 @@
-"""Trains the demo's small VQGAN tokenizer (libs.vqgan.VQGAN, config.tokenizer sizes) on an ImageFolder split.
+"""Trains the demo's small VQGAN tokenizer (libs.models.vqgan.VQGAN, config.tokenizer sizes) on an ImageFolder split.
 
-    python demo/train_tokenizer.py                                   # data/demo/train -> demo/assets/vqgan_demo.pth
-    python demo/train_tokenizer.py --data data/demo/train --out /tmp/vq.pth --config.tokenizer_train.steps=100
-Writes {"state_dict", "tokenizer", "train"} atomically (loads with libs.vqgan.load_tokenizer) and
+    python -m demo.train_tokenizer                                   # data/demo/train -> demo/assets/vqgan_demo.pth
+    python -m demo.train_tokenizer --data data/demo/train --out /tmp/vq.pth --config.tokenizer_train.steps=100
+Writes {"state_dict", "tokenizer", "train"} atomically (loads with libs.models.vqgan.load_tokenizer) and
 <out>.json with the loss log and the reconstruction error before / after training.
 """
 import argparse
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere: `libs` lives in the repo root
 
 
 def main(argv=None):
@@ -24,7 +21,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="weights file (default config.tokenizer.checkpoint)")
     args, config = parse_args_with_config(parser, "configs/demo.py", argv)
 
-    from libs.vqgan_train import run_tokenizer_training
+    from demo.tokenizer_training import run_tokenizer_training
     data = Path(args.data or Path(config.demo.data_root) / "train")
     val = Path(args.val) if args.val else Path(config.demo.data_root) / "val"
     return run_tokenizer_training(config, data, val if (args.val or val.is_dir()) else None,

@@ -1,6 +1,6 @@
 """Builds the KA-MIG knowledge graphs (SPEC §5) from a token dataset.
 
-    python graph_construction/build_graphs.py --tokens assets/imagenet256_vq_features --out graph_prior/
+    python -m graph_construction.build_graphs --tokens assets/imagenet256_vq_features --out graph_prior/
 
 writes, next to a `<file>.json` metadata sidecar each,
   codebook_co_occurrence_norm_self_50.pkl   G_co, [edge_index, edge_weight] like the released file
@@ -15,11 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere: `libs` lives in the repo root
 
-from libs import graphs as G  # noqa: E402
+from libs.graphs import recipes as G  # noqa: E402
 
 CO_FILE = "codebook_co_occurrence_norm_self_50.pkl"
 SIM_FILE = "codebook_replace_graph_norm_self.pkl"
@@ -73,8 +70,8 @@ def bar(desc):
 def main(argv=None):
     """Loads the tokens, builds the chosen graphs and writes them with metadata; returns {name: path}."""
     args = parse_args(argv)
-    from libs.graph_io import sample_tokens, save_edge_graph, save_incompatibility, save_sample_tokens
-    from libs.token_dataset import load_tokens
+    from libs.graphs.files import sample_tokens, save_edge_graph, save_incompatibility, save_sample_tokens
+    from libs.data.tokens import load_tokens
 
     t0 = time.time()
     tokens, labels, meta = load_tokens(args.tokens, codebook_size=args.codebook_size)  # [N,L], [N]

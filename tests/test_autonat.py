@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from libs.autonat import AutoNATConfig, check_tokenizer_matches
+from libs.models.autonat import AutoNATConfig, check_tokenizer_matches
 from libs.checkpoint import load_state_dict_file, load_strict
 from tests.helpers import tiny_backbone
 
@@ -77,7 +77,7 @@ def test_tokenizer_backbone_mismatch_refused():
 
 @pytest.mark.parametrize("bias, gelu", [(True, False), (False, False), (True, True)])
 def test_onednn_linear_equals_f_linear(bias, gelu):
-    from libs import autonat
+    from libs.models import autonat
     assert autonat._ONEDNN_LINEAR is not None  # the pinned torch has it; otherwise this test proves nothing
     g = torch.Generator().manual_seed(0)
     x = torch.randn(17, 3, 64, generator=g).transpose(0, 1)  # [3,17,64], not contiguous
@@ -92,7 +92,7 @@ def test_onednn_linear_equals_f_linear(bias, gelu):
 
 
 def test_onednn_backbone_matches_default_path_and_stays_out_of_training(monkeypatch):
-    from libs import autonat
+    from libs.models import autonat
     model = tiny_backbone().eval()
     ids, cls = torch.randint(0, 33, (3, 16)), torch.tensor([0, 3, 4])
     calls = []

@@ -1,8 +1,8 @@
 """Full-size networks built on the meta device match the published checkpoints' tensor manifests."""
 import torch
 
-from libs.autonat import AutoNAT
-from libs.vqgan import VQGAN
+from libs.models.autonat import AutoNAT
+from libs.models.vqgan import VQGAN
 from tests.helpers import manifest, read_manifest
 
 

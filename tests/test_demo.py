@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from libs import demo_data
+from demo import procedural_data as demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def test_demo_data_has_the_class_structure_it_claims():
 
 
 def test_write_demo_splits_writes_image_folders(tmp_path):
-    from libs.preprocess import list_image_folder
+    from libs.data.images import list_image_folder
     written = demo_data.write_demo_splits(tmp_path / "d", ["train", "val"], num_classes=3, resolution=16, seed=0,
                                           per_class={"train": 2, "val": 1})
     names, items = list_image_folder(written["train"])
@@ -99,8 +99,8 @@ def one_thread():
 
 
 def test_tokenizer_training_reduces_reconstruction_error(tmp_path, one_thread):
-    from libs.vqgan import VQGAN, VQGANConfig, load_tokenizer
-    from libs.vqgan_train import TokenizerTrainConfig, code_usage, reconstruction_mse, save_tokenizer, train_tokenizer
+    from libs.models.vqgan import VQGAN, VQGANConfig, load_tokenizer
+    from demo.tokenizer_training import TokenizerTrainConfig, code_usage, reconstruction_mse, save_tokenizer, train_tokenizer
     images, _ = demo_data.make_images(12, resolution=16, seed=0)  # [120,16,16,3]
     held_out, _ = demo_data.make_images(3, resolution=16, seed=1)
     torch.manual_seed(0)
@@ -149,10 +149,10 @@ def test_train_tokenizer_entry_is_seeded(tmp_path, one_thread):
 
 def test_committed_demo_weights_load_and_are_small():
     from configs import demo
-    from libs.autonat import AutoNAT, backbone_config
+    from libs.models.autonat import AutoNAT, backbone_config
     from libs.checkpoint import load_state_dict_file, load_strict
-    from libs.token_dataset import file_sha256
-    from libs.vqgan import load_tokenizer
+    from libs.data.tokens import file_sha256
+    from libs.models.vqgan import load_tokenizer
     config = demo.get_config()
     assets = REPO / config.demo.assets
     manifest = json.loads((assets / "manifest.json").read_text())
@@ -191,9 +191,9 @@ def png_decodes(path) -> tuple:
 
 
 def test_demo_smoke_run_writes_every_artifact(tmp_path):
-    """`demo/run_demo.py --smoke`: every real script runs once at tiny size; all outputs exist and are valid."""
+    """`python -m demo.run_demo --smoke`: every real script runs once at tiny size; all outputs exist and are valid."""
     out, data = tmp_path / "out", tmp_path / "data"
-    proc = subprocess.run([sys.executable, "demo/run_demo.py", "--smoke", "--out", str(out), "--data", str(data)],
+    proc = subprocess.run([sys.executable, "-m", "demo.run_demo", "--smoke", "--out", str(out), "--data", str(data)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from configs import demo_smoke
@@ -237,14 +237,14 @@ def test_demo_smoke_run_writes_every_artifact(tmp_path):
 
 
 def test_make_assets_recipe_smoke(tmp_path):
-    """`demo/make_assets.py` at tiny size: tokenizer + backbone weights that load strictly, and a true manifest."""
+    """`python -m demo.make_assets` at tiny size: tokenizer + backbone weights that load strictly, and a true manifest."""
     from configs import demo_smoke
-    from libs.autonat import AutoNAT, backbone_config
+    from libs.models.autonat import AutoNAT, backbone_config
     from libs.checkpoint import load_state_dict_file, load_strict
-    from libs.token_dataset import file_sha256
-    from libs.vqgan import load_tokenizer
+    from libs.data.tokens import file_sha256
+    from libs.models.vqgan import load_tokenizer
     assets = tmp_path / "assets"
-    proc = subprocess.run([sys.executable, "demo/make_assets.py", "--config", "configs/demo_smoke.py",
+    proc = subprocess.run([sys.executable, "-m", "demo.make_assets", "--config", "configs/demo_smoke.py",
                            "--assets", str(assets), "--work", str(tmp_path / "work"), "--data", str(tmp_path / "data"),
                            "--config.train.n_steps=2", "--config.train.batch_size=8", "--config.train.log_interval=1"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)

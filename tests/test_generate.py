@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from libs.graph_io import save_edge_graph, save_incompatibility
+from libs.graphs.files import save_edge_graph, save_incompatibility
 from tests.helpers import tiny_vqgan
 from tests.test_ka_mig import randomise_fusion, tiny_graphs, tiny_ka_mig
 
@@ -94,7 +94,7 @@ def test_generate_npz_two_processes_resume_is_byte_identical(tiny_assets, tmp_pa
 
 
 def write_reference_stats(path, extractor, n=8, seed=0):
-    from libs.fid_stats import compute_reference_stats, save_reference_stats
+    from libs.evaluation.fid_stats import compute_reference_stats, save_reference_stats
     images = np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
     save_reference_stats(path, compute_reference_stats(images, extractor, batch_size=8, progress=False))
     return path
@@ -103,7 +103,7 @@ def write_reference_stats(path, extractor, n=8, seed=0):
 def test_generate_npz_writes_metrics_and_refuses_bad_reference(tiny_assets, tmp_path, use_fid_extractor, monkeypatch):
     import generate_npz
     import json
-    from libs import inception
+    from libs.evaluation import inception
     root, overrides = tiny_assets
     ref = write_reference_stats(tmp_path / "ref.npz", use_fid_extractor)
     calls = []
@@ -126,7 +126,7 @@ def test_generate_npz_writes_metrics_and_refuses_bad_reference(tiny_assets, tmp_
 
 
 def test_labelled_grid_places_images_and_captions():
-    from libs.sampling import labelled_grid
+    from libs.sampling.generation import labelled_grid
     h = w = 32
     images = np.full((8, h, w, 3), 200, np.uint8)
     images[5] = 7  # a marked image: row 1, column 1 of a 4-column grid

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from libs import graphs as G
-from libs.graph_io import (load_edge_graph, load_incompatibility, meta_path, sample_tokens, save_edge_graph,
+from libs.graphs import recipes as G
+from libs.graphs.files import (load_edge_graph, load_incompatibility, meta_path, sample_tokens, save_edge_graph,
                            save_incompatibility, save_sample_tokens)
 from tests.helpers import OFFICIAL_GRAPHS
 
@@ -95,7 +95,7 @@ class Evil:
 
 
 def test_edge_graph_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nope\.pkl(.|\n)*build_graphs\.py"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pkl(.|\n)*graph_construction\.build_graphs"):
         load_edge_graph(tmp_path / "nope.pkl")
     cases = {"garbage.pkl": b"not a pickle", "evil.pkl": pickle.dumps([Evil(), Evil()]),
              "dict.pkl": pickle.dumps({"a": 1}),
@@ -143,7 +143,7 @@ def test_incompatibility_npz_and_dense_files_load_the_same(tmp_path):
 
 
 def test_incompatibility_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"incompatibility\.npz(.|\n)*build_graphs\.py"):
+    with pytest.raises(FileNotFoundError, match=r"incompatibility\.npz(.|\n)*graph_construction\.build_graphs"):
         load_incompatibility(tmp_path / "incompatibility.npz")
     _, _, packed = incompat_case()
     with pytest.raises(ValueError, match="codebook_size"):
@@ -191,10 +191,10 @@ def load_cli():
 
 
 def test_cli_end_to_end_writes_every_file_with_metadata(tmp_path):
-    pytest.importorskip("libs.token_dataset")
+    pytest.importorskip("libs.data.tokens")
     tokens, labels = write_token_dir(tmp_path / "ds")
     out = tmp_path / "graph_prior"
-    cmd = [sys.executable, "graph_construction/build_graphs.py", "--tokens", str(tmp_path / "ds"),
+    cmd = [sys.executable, "-m", "graph_construction.build_graphs", "--tokens", str(tmp_path / "ds"),
            "--out", str(out), "--max-images", "50", "--seed", "3", "--co-ratio", "0.2", "--write-sample-tokens"]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -221,7 +221,7 @@ def test_cli_end_to_end_writes_every_file_with_metadata(tmp_path):
 
 
 def test_cli_one_graph_and_bad_flags(tmp_path, capsys):
-    pytest.importorskip("libs.token_dataset")
+    pytest.importorskip("libs.data.tokens")
     cli = load_cli()
     write_token_dir(tmp_path / "ds", N=30, grid=3, K=10, C=2)
     written = cli.main(["--tokens", str(tmp_path / "ds"), "--out", str(tmp_path / "o"), "--graphs", "sim",
@@ -236,7 +236,7 @@ def test_cli_one_graph_and_bad_flags(tmp_path, capsys):
 
 
 def test_cli_reads_the_paper_token_format(tmp_path):
-    pytest.importorskip("libs.token_dataset")
+    pytest.importorskip("libs.data.tokens")
     cli = load_cli()
     tokens, labels = write_token_dir(tmp_path / "ds", N=40, grid=3, K=12, C=3)
     np.save(tmp_path / "paper.npy", np.concatenate([labels[:, None], tokens.astype(np.int64)], 1))  # [N, 1+L]
@@ -249,7 +249,7 @@ def test_cli_reads_the_paper_token_format(tmp_path):
 
 
 def test_built_graph_files_plug_into_the_ka_mig_model(tmp_path):
-    from libs.ka_mig import KAMIG, GraphConfig
+    from libs.models.ka_mig import KAMIG, GraphConfig
     from tests.helpers import tiny_backbone
 
     K, grid, C = 32, 4, 4

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from libs import graphs as G
+from libs.graphs import recipes as G
 
 # ----------------------------------------------------------------------------- loop references
 

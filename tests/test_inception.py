@@ -1,4 +1,4 @@
-"""Offline FID Inception: the default_1.pt -> pytorch-fid conversion, the feature pipeline, `python -m libs.fid_stats`.
+"""Offline FID Inception: the default_1.pt -> pytorch-fid conversion, the feature pipeline, `python -m libs.evaluation.fid_stats`.
 
 The converted network is built once per module into a tmp cache (never into the real assets/).
 """
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from libs import fid_stats, inception
+from libs.evaluation import fid_stats, inception
 from libs.checkpoint import MissingAssetError
 
 
@@ -164,7 +164,7 @@ def test_cache_pt_inception_and_missing_weights(extractor, cache, fake_pt_weight
 
 
 def test_fid_stats_cli_folder_and_npz_agree(extractor, cache, fake_pt_weights, tmp_path, capsys):
-    """`python -m libs.fid_stats` (its main) on a folder and on an npz of the same images: same statistics."""
+    """`python -m libs.evaluation.fid_stats` (its main) on a folder and on an npz of the same images: same statistics."""
     images = random_uint8(4, 24, 32, seed=4)
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -4,10 +4,10 @@ import pickle
 import pytest
 import torch
 
-from libs.autonat import AutoNAT
+from libs.models.autonat import AutoNAT
 from libs.checkpoint import load_state_dict_file, load_strict
-from libs.graphs import incompatibility_rows, unpack_occurrence_torch as unpack_bits
-from libs.ka_mig import GCNConv, GraphConfig, KAMIG, gcn_norm
+from libs.graphs.recipes import incompatibility_rows, unpack_occurrence_torch as unpack_bits
+from libs.models.ka_mig import GCNConv, GraphConfig, KAMIG, gcn_norm
 from tests.helpers import OFFICIAL_GRAPHS, manifest, read_manifest, tiny_backbone
 
 K, L, C = 32, 16, 4

@@ -7,7 +7,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from libs import fid_stats, metrics
+from libs.evaluation import fid_stats, metrics
 
 
 def random_cov(rng, d, n=None):
@@ -239,7 +239,7 @@ def test_quantize_uint8_rounds_like_saved_png(tmp_path):
     (np.zeros((2, 5, 6, 3), np.int32), "uint8"),
 ])
 def test_bad_image_batches_are_refused(bad, message):
-    from libs.inception import image_batch  # the check FeatureExtractor.preprocess runs
+    from libs.evaluation.inception import image_batch  # the check FeatureExtractor.preprocess runs
     for check in (fid_stats.quantize_uint8, image_batch):
         with pytest.raises(ValueError, match=message):
             check(bad)
@@ -266,7 +266,7 @@ def test_reference_stats_roundtrip_and_adm_layout(tmp_path):
 
 
 def test_load_reference_stats_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"(?s)reference statistics not found: .*missing\.npz.*libs\.fid_stats"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)reference statistics not found: .*missing\.npz.*libs\.evaluation\.fid_stats"):
         fid_stats.load_reference_stats(tmp_path / "missing.npz")
     np.savez(tmp_path / "nosigma.npz", mu=np.zeros(4), arr_0=random_images(2))
     with pytest.raises(ValueError, match=r"missing \['sigma'\]"):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from configs import autonat_t8_strategy
-from libs.nat import (Schedule, generate, guided_logits, make_masked_batch, maskgit_schedule,
-                      masked_token_loss, random_mask, schedule_from_config)
+from libs.sampling.decoding import Schedule, generate, guided_logits, maskgit_schedule, schedule_from_config
+from libs.training.objective import make_masked_batch, masked_token_loss, random_mask
 from tests.helpers import tiny_backbone
 
 
@@ -102,7 +102,7 @@ def test_per_sample_generators_make_samples_independent_of_batch_mates():
 
 
 def test_gumbel_max_sampling_matches_softmax():
-    from libs.nat import gumbel
+    from libs.sampling.decoding import gumbel
     logits = torch.tensor([0.0, 1.0, 2.0, -1.0])
     g = torch.Generator().manual_seed(0)
     draws = (logits + gumbel((50_000, 4), g, "cpu")).argmax(-1)

@@ -13,10 +13,10 @@ from PIL import Image
 import extract_imagenet_feature
 from libs.checkpoint import MissingAssetError
 from libs.config import load_config_file
-from libs.preprocess import center_crop_arr, list_image_folder, preprocess_image
-from libs.token_dataset import (MissingTokenDatasetError, TokenDataset, TokenDatasetError, extract_token_dataset,
+from libs.data.images import center_crop_arr, list_image_folder, preprocess_image
+from libs.data.tokens import (MissingTokenDatasetError, TokenDataset, TokenDatasetError, extract_token_dataset,
                                 load_tokens, write_token_dataset)
-from libs.vqgan import VQGAN, tokenizer_config
+from libs.models.vqgan import VQGAN, tokenizer_config
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ["n01", "n02", "n03"]
@@ -208,7 +208,7 @@ def test_torchrun_two_processes_match_one(setup, reference):
     lagging = work / "lagging_rank1.py"
     lagging.write_text(
         "import os, runpy, sys, time\n"
-        "from libs import token_dataset as td\n"
+        "from libs.data import tokens as td\n"
         "plain = td.Distributed.broadcast\n"
         "def lagging(self, obj):\n"
         "    out = plain(self, obj)\n"

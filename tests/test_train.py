@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from configs import tiny
-from libs.ka_mig import GraphConfig, KAMIG
+from libs.models.ka_mig import GraphConfig, KAMIG
 from libs.checkpoint import load_state_dict_file, load_strict
-from libs.train import Trainer, build_model
+from libs.training.trainer import Trainer, build_model
 from tests.helpers import tiny_backbone
 from tests.test_ka_mig import tiny_graphs
 
@@ -162,7 +162,7 @@ def test_two_process_torchrun_killed_and_resumed_matches_uninterrupted(tmp_path)
 
 def test_periodic_fid_is_logged_and_never_stored_in_checkpoints(tmp_path, fid_extractor):
     import functools
-    from libs.evaluation import periodic_fid
+    from libs.training.periodic_fid import periodic_fid
     from tests.helpers import tiny_vqgan
     from tests.test_generate import write_reference_stats
     torch.save(tiny_vqgan().state_dict(), tmp_path / "vq.ckpt")

@@ -235,7 +235,7 @@ def write_demo_splits(root, splits, num_classes: int, resolution: int, seed: int
         write_image_folder(root / split, images, labels, names, progress=bar)
         info = {"split": split, "seed": split_seed, "num_images": int(len(labels)), "per_class": per_class[split],
                 "num_classes": num_classes, "resolution": resolution, "class_names": names,
-                "generator": "libs.demo_data.make_images"}
+                "generator": "demo.procedural_data.make_images"}
         text = json.dumps(info, indent=1)
         atomic_write(root / f"{split}.json", lambda tmp: Path(tmp).write_text(text))
         print(f"{split}: {len(labels)} images of {num_classes} classes ({resolution}x{resolution}, seed "

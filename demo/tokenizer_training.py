@@ -1,4 +1,4 @@
-"""Training a small VQGAN (libs.vqgan.VQGAN) from scratch: reconstruction + codebook/commitment loss, k-means init.
+"""Training a small VQGAN (libs.models.vqgan.VQGAN) from scratch: reconstruction + codebook/commitment loss, k-means init.
 
 The quantiser is the usual VQ-VAE one: z_q = z + sg(e - z) (straight-through), loss
   |x - D(z_q)|^2 + |sg(z) - e|^2 + beta |z - sg(e)|^2.
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from libs.checkpoint import atomic_torch_save
-from libs.vqgan import VQGAN
+from libs.models.vqgan import VQGAN
 
 
 @dataclass
@@ -188,7 +188,7 @@ def code_usage(model: VQGAN, images: np.ndarray, batch_size: int = 256) -> dict:
 
 
 def save_tokenizer(model: VQGAN, path, extra: dict = None):
-    """Atomically writes {'state_dict', 'tokenizer', ...extra} (loads with libs.vqgan.load_tokenizer)."""
+    """Atomically writes {'state_dict', 'tokenizer', ...extra} (loads with libs.models.vqgan.load_tokenizer)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return atomic_torch_save({"state_dict": state, "tokenizer": model.config_dict(), **(extra or {})}, path)
 
@@ -197,7 +197,7 @@ def save_tokenizer(model: VQGAN, path, extra: dict = None):
 
 def load_image_split(root, resolution: int) -> np.ndarray:
     """All images of an ImageFolder split as uint8 [N,R,R,3] (ADM center crop to `resolution`)."""
-    from libs.preprocess import list_image_folder, load_image_file
+    from libs.data.images import list_image_folder, load_image_file
     root = Path(root)
     _, items = list_image_folder(root)
     return np.stack([load_image_file(root / rel, resolution) for rel, _ in items])
@@ -209,7 +209,7 @@ def run_tokenizer_training(config, data_dir, val_dir, out_path) -> dict:
     import time
     from libs.checkpoint import atomic_write
     from libs.config import config_to_dict
-    from libs.vqgan import tokenizer_config
+    from libs.models.vqgan import tokenizer_config
     t0 = time.time()
     cfg = train_config(config.tokenizer_train)
     tok_cfg = tokenizer_config(config.tokenizer)
@@ -221,7 +221,7 @@ def run_tokenizer_training(config, data_dir, val_dir, out_path) -> dict:
           f"{model.grid_size}x{model.grid_size} tokens of {tok_cfg.codebook_size} codes; {len(images)} training images")
     before = reconstruction_mse(model, val)
     history = train_tokenizer(model, images, cfg)
-    from libs.demo_pipeline import shown_path
+    from demo.pipeline import shown_path
     report = {"recon_mse_before": before, "recon_mse_after": reconstruction_mse(model, val),
               **code_usage(model, val),
               "eval_images": shown_path(val_dir) if val_dir is not None else f"{shown_path(data_dir)} (first 256)",

@@ -28,7 +28,7 @@ from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1,
 
 from libs.checkpoint import MissingAssetError, atomic_torch_save, describe_mismatch, require_file
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PT_INCEPTION_WEIGHTS = REPO_ROOT / "assets" / "pt_inception-2015-12-05-6726825d.pth"
 CONVERTED_CACHE = REPO_ROOT / "assets" / "pt_inception_fid_from_tf_torchscript.pth"
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from libs.autonat import AutoNAT, AutoNATConfig
-from libs.graphs import incompatibility_rows, unpack_occurrence_torch
+from libs.models.autonat import AutoNAT, AutoNATConfig
+from libs.graphs.recipes import incompatibility_rows, unpack_occurrence_torch
 
 
 @dataclass
@@ -299,7 +299,7 @@ class KAMIG(AutoNAT):
     def require_graphs(self):
         """Raises a clear error when set_graphs was never called."""
         if not self.has_graphs:
-            raise RuntimeError("KAMIG has no graphs: call set_graphs(...) (see libs.graph_io loaders)")
+            raise RuntimeError("KAMIG has no graphs: call set_graphs(...) (see libs.graphs.files loaders)")
 
     # --- inference fast path: per-weights token tables and per-batch class terms
 

@@ -12,18 +12,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from libs.autonat import AutoNAT, backbone_config
+from libs.models.autonat import AutoNAT, backbone_config
 from libs.checkpoint import atomic_torch_save, atomic_write, load_state_dict_file, load_strict
 from libs.config import config_to_dict
-from libs.ka_mig import KAMIG, graph_config, trainable_prefixes
-from libs.nat import make_masked_batch, masked_token_loss
+from libs.models.ka_mig import KAMIG, graph_config, trainable_prefixes
+from libs.training.objective import make_masked_batch, masked_token_loss
 
 # ----------------------------------------------------------------------------- model
 
 
 def load_graphs(graph_cfg, num_classes=None) -> dict:
-    """Loads the graphs a KA-MIG config switches on (libs.graph_io), as tensors."""
-    from libs.graph_io import load_edge_graph, load_incompatibility
+    """Loads the graphs a KA-MIG config switches on (libs.graphs.files), as tensors."""
+    from libs.graphs.files import load_edge_graph, load_incompatibility
     graphs = {}
     if graph_cfg.use_co:
         graphs["co"] = load_edge_graph(graph_cfg.co_occurrence)

@@ -198,13 +198,13 @@ def run_demo(config_file, overrides, out, data_root=None, assets=None, threads=0
               f"--config.graph.incompatibility={p['graphs'] / INCOMPAT_FILE}"]
     sampling = ["--device", "cpu", "--batch-size", str(d.batch_size), "--seed", str(d.sample_seed)]
 
-    runner.run("data", ["demo/make_data.py", "--out", str(data_root), *common],
+    runner.run("data", ["-m", "demo.make_data", "--out", str(data_root), *common],
                f"procedural images, {C} classes x ({d.train_per_class} train + {d.val_per_class} held-out)")
     runner.run("tokens", ["extract_imagenet_feature.py", "--path", str(data_root), "--split", "train",
                           "--out", str(p["tokens"]), "--no-flip", "--workers", "0", "--device", "cpu",
                           "--batch-size", "250", "--overwrite", *common],
                "tokenize the train split with the demo VQGAN")
-    runner.run("graphs", ["graph_construction/build_graphs.py", "--tokens", str(p["tokens"]), "--out", str(p["graphs"]),
+    runner.run("graphs", ["-m", "graph_construction.build_graphs", "--tokens", str(p["tokens"]), "--out", str(p["graphs"]),
                           "--max-images", "0", "--num-threads", str(n_threads)],
                "G_co, G_s and G_p from the demo tokens")
     runner.run("train_ka_mig", ["train_graph.py", *common],
@@ -219,7 +219,7 @@ def run_demo(config_file, overrides, out, data_root=None, assets=None, threads=0
                    f"a labelled grid, {d.grid_per_class} samples of every class ({kind})")
         grids[kind] = newest_run(run_root)
         shutil.copyfile(grids[kind] / "grid.png", out / f"grid_{kind}.png")
-    runner.run("fid_reference", ["-m", "libs.fid_stats", "--images", str(data_root / "val"), "--out", str(p["ref"]),
+    runner.run("fid_reference", ["-m", "libs.evaluation.fid_stats", "--images", str(data_root / "val"), "--out", str(p["ref"]),
                                  "--device", "cpu", "--batch-size", str(d.batch_size)],
                f"Inception statistics of the {C * d.val_per_class} held-out images")
     fid = {}
@@ -252,7 +252,7 @@ def newest_run(root: Path) -> Path:
 def comparison_figure(val_root: Path, grids: dict, path: Path, num_classes: int, per_class: int = 4, scale: int = 3):
     """One PNG: per class (rows) `per_class` held-out images | backbone samples | KA-MIG samples, upscaled."""
     from PIL import Image, ImageDraw
-    from libs.preprocess import list_image_folder
+    from libs.data.images import list_image_folder
 
     def load(p):
         with Image.open(p) as im:
@@ -386,9 +386,9 @@ def build_assets(config_file, backbone_config_file, overrides, work, assets, dat
     tokenizer, tokens = work / "tokenizer.pth", work / "tokens" / "train"
     print(f"demo assets -> {assets} (work folder {work}); threads {n_threads} ({why})", flush=True)
     cfg_overrides = [f"--config.{k}={v}" for k, v in overrides]
-    runner.run("data", ["demo/make_data.py", "--config", str(config_file), *cfg_overrides, "--out", str(data_root)],
+    runner.run("data", ["-m", "demo.make_data", "--config", str(config_file), *cfg_overrides, "--out", str(data_root)],
                "procedural images (the same seeds as make demo)")
-    runner.run("tokenizer", ["demo/train_tokenizer.py", "--config", str(config_file), *cfg_overrides,
+    runner.run("tokenizer", ["-m", "demo.train_tokenizer", "--config", str(config_file), *cfg_overrides,
                              "--data", str(data_root / "train"), "--val", str(data_root / "val"), "--out", str(tokenizer)],
                f"train the demo VQGAN, {config.tokenizer_train.steps} steps")
     runner.run("tokens", ["extract_imagenet_feature.py", "--config", str(config_file), *cfg_overrides,
@@ -408,7 +408,7 @@ def build_assets(config_file, backbone_config_file, overrides, work, assets, dat
     backbone_cfg = load_demo_config(backbone_config_file, overrides)
     log = read_train_log(work / "backbone" / "log.csv")
     manifest = {
-        "recipe": "make demo-assets (python demo/make_assets.py): demo/make_data.py -> demo/train_tokenizer.py -> "
+        "recipe": "make demo-assets (python -m demo.make_assets): demo/make_data.py -> demo/train_tokenizer.py -> "
                   "extract_imagenet_feature.py -> train_graph.py (mode pretrain)",
         "config": shown_path(config_file), "backbone_config": shown_path(backbone_config_file),
         "overrides": cfg_overrides,
@@ -433,5 +433,5 @@ def copy_atomic(src: Path, dst: Path):
 
 
 def sha256(path: Path) -> str:
-    from libs.token_dataset import file_sha256
+    from libs.data.tokens import file_sha256
     return file_sha256(path)

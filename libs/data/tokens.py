@@ -334,7 +334,7 @@ def compute_chunks(model, dataset, chunks, partial: Path, fingerprint: str, *, c
                    batch_size: int, workers: int, device, show_progress: bool, stop_after_chunks: int = 0):
     """Encodes the given chunks of `dataset` and writes one file per chunk."""
     from tqdm import tqdm
-    from libs.preprocess import collate_images
+    from libs.data.images import collate_images
 
     batches, owner = chunk_batches(chunks, chunk_size, len(dataset), batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
@@ -410,8 +410,8 @@ def extract_token_dataset(image_root, out_dir, tok_cfg, *, flip: bool, batch_siz
                           dist: Distributed = None) -> dict:
     """Tokenizes an ImageFolder tree into a token dataset at out_dir (resumable, shardable); returns meta."""
     from libs.checkpoint import require_file
-    from libs.preprocess import ImageFileDataset, list_image_folder
-    from libs.vqgan import load_tokenizer
+    from libs.data.images import ImageFileDataset, list_image_folder
+    from libs.models.vqgan import load_tokenizer
 
     dist = dist or Distributed()
     out_dir = Path(out_dir)

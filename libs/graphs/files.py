@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from libs.checkpoint import atomic_write
-from libs.graphs import dense_to_occurrence, sample_image_indices, unpack_occurrence
+from libs.graphs.recipes import dense_to_occurrence, sample_image_indices, unpack_occurrence
 
-BUILD_HINT = "it is built by `python graph_construction/build_graphs.py --tokens <dataset> --out graph_prior/`"
+BUILD_HINT = "it is built by `python -m graph_construction.build_graphs --tokens <dataset> --out graph_prior/`"
 
 
 def missing_graph_error(path) -> FileNotFoundError:

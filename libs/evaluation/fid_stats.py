@@ -1,6 +1,6 @@
-"""Reference statistics and sample metrics on image sets (SPEC §7); `python -m libs.fid_stats` writes ref.npz.
+"""Reference statistics and sample metrics on image sets (SPEC §7); `python -m libs.evaluation.fid_stats` writes ref.npz.
 
-    python -m libs.fid_stats --images <folder of PNG/JPG | .npz with arr_0 uint8 [N,H,W,3]> --out ref.npz \
+    python -m libs.evaluation.fid_stats --images <folder of PNG/JPG | .npz with arr_0 uint8 [N,H,W,3]> --out ref.npz \
         [--batch-size 50] [--device cpu|cuda] [--inception-weights PATH] [--save-features]
 
 Images are quantised to uint8 before feature extraction (ADM convention), so in-memory samples and their
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from libs import metrics
+from libs.evaluation import metrics
 from libs.checkpoint import atomic_write
-from libs.inception import CONVERTED_CACHE, image_batch, load_feature_extractor
+from libs.evaluation.inception import CONVERTED_CACHE, image_batch, load_feature_extractor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -184,7 +184,7 @@ def load_reference_stats(path, extractor=None, batch_size: int = 50, progress: b
         raise FileNotFoundError(
             f"reference statistics not found: {path}\n  for ImageNet 256 use ADM's reference batch "
             "VIRTUAL_imagenet256_labeled.npz; for your own images run "
-            "'python -m libs.fid_stats --images <folder or npz> --out ref.npz'")
+            "'python -m libs.evaluation.fid_stats --images <folder or npz> --out ref.npz'")
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -266,7 +266,7 @@ def compute_metrics(samples, ref_stats: dict, extractor, num_expected: int = Non
 
 def main(argv=None) -> dict:
     """CLI: reference statistics of an image folder / npz -> an .npz with mu, sigma (and features)."""
-    parser = argparse.ArgumentParser(prog="python -m libs.fid_stats", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m libs.evaluation.fid_stats", description=__doc__.splitlines()[0])
     parser.add_argument("--images", required=True, help="folder of PNG/JPG images or .npz with arr_0 uint8 [N,H,W,3]")
     parser.add_argument("--out", required=True, help="output .npz (mu, sigma, n, inception_weights[, features])")
     parser.add_argument("--batch-size", type=int, default=50)

@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from libs.autonat import AutoNAT, backbone_config, check_tokenizer_matches
+from libs.models.autonat import AutoNAT, backbone_config, check_tokenizer_matches
 from libs.checkpoint import atomic_write, load_state_dict_file, load_strict
-from libs.nat import generate, schedule_from_config
-from libs.vqgan import load_tokenizer, tokenizer_config
+from libs.sampling.decoding import generate, schedule_from_config
+from libs.models.vqgan import load_tokenizer, tokenizer_config
 
 DEFAULT_CHECKPOINTS = {"ka_mig": "assets/graph_nnet_ema.pth", "autonat": "assets/nnet_ema.pth"}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,8 +26,8 @@ def load_sampling_model(config, kind="ka_mig", checkpoint=None, device="cpu", gr
     """KA-MIG (`graph_nnet_ema.pth` layout) or bare AutoNAT (`nnet_ema.pth`), loaded strictly, eval mode."""
     checkpoint = checkpoint or DEFAULT_CHECKPOINTS[kind]
     if kind == "ka_mig":
-        from libs.ka_mig import KAMIG, graph_config
-        from libs.train import load_graphs
+        from libs.models.ka_mig import KAMIG, graph_config
+        from libs.training.trainer import load_graphs
         model = KAMIG(backbone_config(config.model), graph_config(config.graph),
                       load_graphs(config.graph, config.model.num_classes) if graphs is None else graphs)
     elif kind == "autonat":
