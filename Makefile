@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 test: setup
 	$(PY) -m pytest -q tests
 
-# CPU demo (issue 6): the whole pipeline on procedural images with the committed demo weights; output/demo/
+# CPU demo: the whole pipeline on procedural images with the committed demo weights; output/demo/
 demo: setup
 	$(PY) -m demo.run_demo $(DEMO_ARGS)
 

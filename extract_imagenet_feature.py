@@ -1,15 +1,22 @@
-"""Tokenizes an ImageFolder split (data/<split>/<class>/*.JPEG) into a token dataset (issue 3, SPEC §1).
+"""Tokenizes an ImageFolder split (data/<split>/<class>/*.JPEG) into a token dataset (docs/reference.md#tokenizer).
 
   python extract_imagenet_feature.py --path data --split train
   torchrun --nproc_per_node=8 extract_imagenet_feature.py --path data --split train --device cuda
 
 Output (default assets/imagenet256_vq_features/<split>/): tokens.npy, labels.npy, meta.json; see
-libs/token_dataset.py. Rerunning the same command resumes an interrupted run (finished chunks are kept).
+libs/data/tokens.py. Rerunning the same command resumes an interrupted run (finished chunks are kept).
 """
 import argparse
 import logging
 import os
 import sys
+
+import torch
+
+from libs.checkpoint import MissingAssetError
+from libs.config import parse_args_with_config
+from libs.data.tokens import MissingTokenDatasetError, StopRequested, TokenDatasetError, extract_token_dataset
+from libs.distributed import Distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,13 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Parses flags, tokenizes the split, returns a process exit status."""
-    import torch
-
-    from libs.checkpoint import MissingAssetError
-    from libs.config import parse_args_with_config
-    from libs.data.tokens import (Distributed, MissingTokenDatasetError, StopRequested, TokenDatasetError,
-                                    extract_token_dataset)
-
     args, config = parse_args_with_config(build_parser(), "configs/ka_mig_l.py", argv)
     dist = Distributed()
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, stream=sys.stderr,

@@ -9,10 +9,18 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from libs.checkpoint import atomic_write
+from libs.config import parse_args_with_config
+from libs.models.factory import load_tokenizer_and_model
+from libs.sampling.generation import (add_sampling_flags, class_names_of, index_generators, labelled_grid,
+                                      pick_device, sample_images, save_png, schedule_from_flags)
+
 
 def main(argv=None):
-    from libs.config import parse_args_with_config
-    from libs.sampling.generation import add_sampling_flags
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_flags(parser)
     parser.add_argument("--classes", type=int, nargs="+", default=[88, 207, 279, 360, 387, 388, 417, 974],
@@ -21,19 +29,13 @@ def main(argv=None):
     parser.add_argument("--out", default="output/samples", help="output folder (a run subfolder is made)")
     args, config = parse_args_with_config(parser, "configs/ka_mig_l.py", argv)
 
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-    from libs.sampling.generation import (class_names_of, index_generators, labelled_grid, load_models, pick_device,
-                               sample_images, save_png, schedule_from_flags)
-    from libs.checkpoint import atomic_write
-
     bad = [c for c in args.classes if not 0 <= c < config.model.num_classes]
     if bad:
         parser.error(f"class ids {bad} are outside [0, {config.model.num_classes})")
     device = pick_device(args.device)
     schedule = schedule_from_flags(config, args.schedule, args.steps, args.cfg, args.temp)
-    tokenizer, model = load_models(config, args.model, args.checkpoint, device)
+    tokenizer, model = load_tokenizer_and_model(config, args.model, args.checkpoint, device,
+                                                cpu_kernels=args.cpu_kernels)
     labels = np.repeat(np.array(args.classes), args.per_class)
     run_dir = Path(args.out) / f"{args.model}_seed{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
     images = []
@@ -49,7 +51,8 @@ def main(argv=None):
     grid = labelled_grid(images, labels, class_names_of(config), columns=args.per_class)
     atomic_write(run_dir / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
     info = dict(model=args.model, checkpoint=args.checkpoint, seed=args.seed, classes=args.classes,
-                per_class=args.per_class, schedule=vars(schedule), precision=args.precision, device=str(device))
+                per_class=args.per_class, schedule=vars(schedule), precision=args.precision, device=str(device),
+                cpu_kernels=args.cpu_kernels)
     atomic_write(run_dir / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
     print(f"wrote {len(images)} images and {run_dir / 'grid.png'}")
     return run_dir

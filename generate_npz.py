@@ -8,10 +8,22 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from libs.checkpoint import atomic_write
+from libs.config import parse_args_with_config
+from libs.distributed import Distributed
+from libs.evaluation.fid_stats import compute_metrics, load_reference_stats
+from libs.evaluation.inception import CONVERTED_CACHE, load_feature_extractor
+from libs.models.factory import load_tokenizer_and_model
+from libs.sampling.generation import (add_sampling_flags, class_labels, index_generators, pick_device, png_ok,
+                                      sample_images, save_png, schedule_from_flags)
+
 
 def main(argv=None):
-    from libs.config import parse_args_with_config
-    from libs.sampling.generation import add_sampling_flags
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_flags(parser)
     parser.add_argument("--num-samples", "--num", dest="num", type=int, default=50_000,
@@ -33,14 +45,6 @@ def main(argv=None):
                         help="testing aid: exit after this many new batches on each rank (simulates a crash)")
     args, config = parse_args_with_config(parser, "configs/ka_mig_l.py", argv)
 
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-    from libs.checkpoint import atomic_write
-    from libs.distributed import Distributed
-    from libs.sampling.generation import (class_labels, index_generators, load_models, pick_device, png_ok,
-                               sample_images, save_png, schedule_from_flags)
-
     dist = Distributed()
     device = pick_device(args.device)
     if device.type == "cuda":
@@ -52,7 +56,8 @@ def main(argv=None):
         raise SystemExit(f"reference statistics not found: {args.ref_stats} (make them with "
                          f"`python -m libs.evaluation.fid_stats --images <real images> --out ref.npz` or pass --no-fid)")
     schedule = schedule_from_flags(config, args.schedule, args.steps, args.cfg, args.temp)
-    tokenizer, model = load_models(config, args.model, args.checkpoint, device)
+    tokenizer, model = load_tokenizer_and_model(config, args.model, args.checkpoint, device,
+                                                cpu_kernels=args.cpu_kernels)
     labels = class_labels(args.num, config.model.num_classes, args.labels, args.seed)
     batches = [np.arange(s, min(s + args.batch_size, args.num)) for s in range(0, args.num, args.batch_size)]
     mine = batches[dist.rank::dist.world]  # fixed global batches, round robin over ranks
@@ -72,7 +77,6 @@ def main(argv=None):
     sampling_s = time.time() - t0
     dist.barrier()  # every rank's PNGs are written before rank 0 reads them
     if dist.is_main:
-        from PIL import Image
         missing = [i for i in range(args.num) if not png_ok(sample_dir / f"{i:06d}.png")]
         if missing:
             raise SystemExit(f"{len(missing)} samples are missing or unreadable (first {missing[:5]}); rerun")
@@ -87,8 +91,6 @@ def main(argv=None):
         atomic_write(out / "samples.npz", write_npz)
         print(f"wrote {out / 'samples.npz'} {arr.shape}")
         if not args.no_fid:
-            from libs.evaluation.fid_stats import compute_metrics, load_reference_stats
-            from libs.evaluation.inception import CONVERTED_CACHE, load_feature_extractor
             extractor = load_feature_extractor(args.inception_weights, cache=args.inception_cache or CONVERTED_CACHE,
                                                device=device)
             ref = load_reference_stats(args.ref_stats, extractor=extractor)

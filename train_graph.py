@@ -5,17 +5,26 @@
     Mixed precision: ACCELERATE_MIXED_PRECISION=fp16|bf16|no or --config.train.mixed_precision.
 """
 import argparse
+import os
+
+from libs.config import parse_args_with_config
+from libs.data.tokens import load_tokens
+from libs.training.periodic_fid import periodic_fid
+from libs.training.trainer import Trainer
+
+PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # accelerate's own variable; overrides train.mixed_precision
 
 
 def main(argv=None):
-    from libs.config import parse_args_with_config
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--crash-after-step", type=int, default=None,
                         help="testing aid: SIGKILL every process right after this step (and its checkpoint)")
     args, config = parse_args_with_config(parser, "configs/ka_mig_l.py", argv)
 
-    from libs.data.tokens import load_tokens
-    from libs.training.trainer import Trainer
+    if os.environ.get(PRECISION_ENV):
+        with config.train.unlocked():
+            config.train.mixed_precision = os.environ[PRECISION_ENV]
+        print(f"{PRECISION_ENV}={config.train.mixed_precision}: overrides config.train.mixed_precision")
     try:
         tokens, labels, meta = load_tokens(config.data.path, codebook_size=config.model.codebook_size)
     except (FileNotFoundError, ValueError) as e:
@@ -27,10 +36,7 @@ def main(argv=None):
         raise SystemExit(f"token dataset has class id {int(labels.max())} but the model has "
                          f"{config.model.num_classes} classes")
     trainer = Trainer(config, tokens, labels)
-    eval_fn = None
-    if config.train.fid_interval > 0:
-        from libs.training.periodic_fid import periodic_fid
-        eval_fn = periodic_fid
+    eval_fn = periodic_fid if config.train.fid_interval > 0 else None
     trainer.fit(eval_fn=eval_fn, crash_after_step=args.crash_after_step)
 
 

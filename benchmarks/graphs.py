@@ -1,4 +1,4 @@
-"""Benchmark of the graph builders at ImageNet size (issue 3): time and peak memory per graph.
+"""Benchmark of the graph builders at ImageNet size: time and peak memory per graph.
 
     python -m benchmarks.graphs                  # 1,281,167 random 16x16 maps, 1024 codes, 1000 classes
     python -m benchmarks.graphs --maps 200000    # smaller

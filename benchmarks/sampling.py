@@ -1,4 +1,4 @@
-"""Sampling and training cost of KA-MIG vs the bare AutoNAT backbone, AutoNAT-L sizes (issue 7).
+"""Sampling and training cost of KA-MIG vs the bare AutoNAT backbone, AutoNAT-L sizes.
 
     python -m benchmarks.sampling                    # CPU, 2 threads, batch 4, T=8, guidance
     python -m benchmarks.sampling --device cuda --batch 125 --precision bf16 --compile
@@ -10,6 +10,7 @@ F.linear (MKL) instead of the default oneDNN linears.
 """
 import argparse
 import contextlib
+import copy
 import json
 import resource
 import subprocess
@@ -53,18 +54,17 @@ def matmul_flops(cfg, rows: int, steps: int) -> float:
 
 
 def sgemm_rate(rows: int, cfg, repeats=20) -> float:
-    """Best FLOP/s of this machine's fp32 GEMM at the shape of the backbone's MLP (fc1), as the backbone runs it."""
+    """Best FLOP/s of this machine's fp32 GEMM (F.linear, MKL) at the shape of the backbone's MLP (fc1)."""
     import torch
-    from libs.models.autonat import linear
     x = torch.randn(rows * (cfg.seq_len + 1), cfg.embed_dim)
     w = torch.randn(int(cfg.embed_dim * cfg.mlp_ratio), cfg.embed_dim)
     best = float("inf")
     with torch.no_grad():
         for _ in range(3):  # warm-up
-            linear(x, w)
+            torch.nn.functional.linear(x, w)
         for _ in range(repeats):
             t0 = time.perf_counter()
-            linear(x, w)
+            torch.nn.functional.linear(x, w)
             best = min(best, time.perf_counter() - t0)
     return 2 * x.shape[0] * x.shape[1] * w.shape[0] / best
 
@@ -73,44 +73,47 @@ def time_sampling(args):
     """Seconds per sampling batch of each model and repeat, runs interleaved in one process."""
     import torch
     from configs import autonat_t8_strategy
-    from libs.models import autonat
+    from libs.models.cpu_kernels import apply_cpu_kernels
+    from libs.models.fusion_cache import FusionCache
     from libs.sampling.decoding import generate, schedule_from_config
     device = torch.device(args.device)
+    kernels = "onednn" if device.type == "cpu" else "default"  # the sampling scripts' default
     bare = build("autonat", device)
-    ka_mig = build("ka_mig", device)
+    ka_mig = apply_cpu_kernels(build("ka_mig", device), kernels)
     schedule = schedule_from_config(autonat_t8_strategy.get_config())
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     cls = torch.arange(args.batch, device=device) % 1000
-    runs = {"autonat": (bare, True), "ka_mig": (ka_mig, True), "ka_mig_uncached": (ka_mig, False)}
-    if device.type == "cpu" and autonat.CPU_INFERENCE_ONEDNN:
-        runs["autonat_mkl"] = (bare, True)  # the backbone with the default F.linear (MKL) GEMMs
-    compiled = {}
-    fusion = [0.0]  # seconds spent in the cached path's fusion (per-batch setup + every inject call)
-    cached_injection = ka_mig.cached_injection
+    fusion = [0.0]  # seconds spent in the cached path's fusion (per-batch class terms + every inject call)
 
-    def timed_cached_injection(ids, class_ids):  # instance attribute: KAMIG.forward calls this one
-        t0 = time.perf_counter()
-        inject = cached_injection(ids, class_ids)
-        fusion[0] += time.perf_counter() - t0
+    def timed(fn):  # fn(...) timed into fusion[0]; a returned inject(j, h) is timed call by call too
+        def wrapper(*a):
+            t0 = time.perf_counter()
+            out = fn(*a)
+            fusion[0] += time.perf_counter() - t0
+            if not callable(out):
+                return out
 
-        def timed_inject(j, h):
-            t = time.perf_counter()
-            out = inject(j, h)
-            fusion[0] += time.perf_counter() - t
-            return out
-        return timed_inject
+            def timed_inject(j, h):
+                t = time.perf_counter()
+                y = out(j, h)
+                fusion[0] += time.perf_counter() - t
+                return y
+            return timed_inject
+        return wrapper
 
-    if not args.compile and device.type == "cpu":  # on CUDA the times would be launch times, not work
-        ka_mig.cached_injection = timed_cached_injection
     t0 = time.perf_counter()
-    ka_mig.token_tables()  # once per set of weights (checkpoint load), not per sampling batch
+    cache = FusionCache(ka_mig)  # once per set of weights (checkpoint load), not per sampling batch
     tables_s = time.perf_counter() - t0
+    if not args.compile and device.type == "cpu":  # on CUDA the times would be launch times, not work
+        cache.terms_for = timed(cache.terms_for)  # instance attributes: FusionCache calls these
+        ka_mig.fused_injection = timed(ka_mig.fused_injection)
+    runs = {"autonat": apply_cpu_kernels(copy.deepcopy(bare), kernels), "ka_mig": cache, "ka_mig_uncached": ka_mig}
+    if device.type == "cpu":
+        runs["autonat_mkl"] = bare  # the backbone with the default F.linear (MKL) GEMMs
+    compiled = {}
 
     def run(kind, seed):
-        model, cached = runs[kind]
-        model.use_inference_cache = cached
-        if "autonat_mkl" in runs:
-            autonat.CPU_INFERENCE_ONEDNN = kind != "autonat_mkl"
+        model = runs[kind]
         if args.compile and kind not in compiled:
             compiled[kind] = torch.compile(model)
         forward = compiled.get(kind, model)
@@ -132,7 +135,6 @@ def time_sampling(args):
     times.update(fusion=[], tables=tables_s, sgemm=[], flops=matmul_flops(bare.cfg, 2 * args.batch, schedule.steps))
     for r in range(args.repeats):
         if device.type == "cpu":
-            autonat.CPU_INFERENCE_ONEDNN = "autonat_mkl" in runs  # the linears the backbone row uses
             times["sgemm"].append(sgemm_rate(2 * args.batch, bare.cfg))
         for kind in runs:  # interleaved, so a change in machine load hits every model alike
             fusion[0] = 0.0
@@ -147,9 +149,11 @@ def train_step_cost(mode, args):
     import torch
     from libs.training.objective import make_masked_batch, masked_token_loss
     from libs.training.trainer import freeze_for_mode
+    from tests.helpers import reference_forward
     model = build("autonat" if mode == "pretrain" else "ka_mig", "cpu").train()
-    if mode == "ka_mig_per_token":  # the paper's arithmetic: both positive convs on every token
-        model.use_fusion_tables = False
+    forward = model
+    if mode == "ka_mig_per_token":  # the paper's arithmetic: both positive convs on every token (the test oracle)
+        forward = lambda ids, cls: reference_forward(model, ids, cls)  # noqa: E731
     freeze_for_mode(model, "pretrain" if mode == "pretrain" else "ka_mig")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -160,7 +164,7 @@ def train_step_cost(mode, args):
         batch = make_masked_batch(ids, torch.randint(0, 1000, (args.train_batch,), generator=g), 1024, 1000,
                                   generator=g)
         t0 = time.perf_counter()
-        loss = masked_token_loss(model(batch.input_ids, batch.class_ids), batch)
+        loss = masked_token_loss(forward(batch.input_ids, batch.class_ids), batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -194,7 +198,7 @@ def print_sampling(t, args):
     """Prints the sampling table and the figures behind it."""
     names = {"autonat": "AutoNAT-L backbone", "ka_mig": "KA-MIG, cached fast path",
              "ka_mig_uncached": "KA-MIG, recomputing graphs every forward",
-             "autonat_mkl": "AutoNAT-L backbone, default MKL linears (CPU_INFERENCE_ONEDNN off)"}
+             "autonat_mkl": "AutoNAT-L backbone, default MKL linears (--cpu-kernels default)"}
     bare = min(t["autonat"])
     print(f"\n| sampling ({args.batch} images) | seconds (min) | images/s | vs backbone | every run, s |"
           f"\n|---|---|---|---|---|")

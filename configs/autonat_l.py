@@ -1,4 +1,4 @@
-"""AutoNAT-L backbone and its pretraining recipe (SPEC §1-3); `mode=pretrain` of train_graph.py."""
+"""AutoNAT-L backbone and its pretraining recipe (docs/reference.md#training-recipes); `mode=pretrain`."""
 import ml_collections
 
 from configs import autonat_t8_strategy
@@ -34,7 +34,6 @@ def get_config():
 
     config.data = d = ml_collections.ConfigDict()
     d.path = "assets/imagenet256_vq_features/train"  # token dataset (extract_imagenet_feature.py)
-    d.num_workers = 4
 
     config.train = t = ml_collections.ConfigDict()
     t.mode = "pretrain"            # 'pretrain' (whole backbone) or 'ka_mig' (graph modules + head)

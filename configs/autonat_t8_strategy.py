@@ -1,4 +1,4 @@
-"""AutoNAT-L searched decoding strategy, T = 8 (SPEC §4); reproduces the paper's FID."""
+"""AutoNAT-L searched decoding strategy, T = 8 (docs/reference.md#decoding); reproduces the paper's FID."""
 import ml_collections
 
 

@@ -1,4 +1,4 @@
-"""CPU demo (`make demo`): KA-MIG on a small frozen AutoNAT over 8x8 tokens of procedural 32x32 images (issue 6)."""
+"""CPU demo (`make demo`): KA-MIG on a small frozen AutoNAT over 8x8 tokens of procedural 32x32 images."""
 import ml_collections
 
 from configs import ka_mig_l
@@ -13,7 +13,7 @@ def get_config():
     config.run_name = "ka_mig"
     config.output_dir = OUT
 
-    tok = config.tokenizer  # SPEC §1 architecture at small widths: f4, 32x32 -> 8x8 tokens
+    tok = config.tokenizer  # the tokenizer architecture at small widths: f4, 32x32 -> 8x8 tokens
     tok.channels = 16
     tok.channel_mult = (1, 2, 2)
     tok.num_res_blocks = 1
@@ -23,7 +23,7 @@ def get_config():
     tok.norm_groups = 8
     tok.checkpoint = f"{ASSETS}/vqgan_demo.pth"
 
-    m = config.model  # SPEC §2 U-ViT at small width: 2 in-blocks, a mid-block, 2 out-blocks
+    m = config.model  # the AutoNAT U-ViT at small width: 2 in-blocks, a mid-block, 2 out-blocks
     m.codebook_size = 256
     m.seq_len = 64
     m.num_classes = 10
@@ -33,14 +33,10 @@ def get_config():
     m.mlp_ratio = 4.0
     m.dropout = 0.1
 
-    g = config.graph
-    g.gcn_hidden = 128
-    g.co_occurrence = f"{OUT}/graphs/codebook_co_occurrence_norm_self_50.pkl"
-    g.similarity = f"{OUT}/graphs/codebook_replace_graph_norm_self.pkl"
-    g.incompatibility = f"{OUT}/graphs/incompatibility.npz"
+    config.graph.dir = f"{OUT}/graphs"
+    config.graph.recipe.max_images = 0  # G_co / G_s from every demo token map
 
     config.data.path = f"{OUT}/tokens/train"
-    config.data.num_workers = 0
 
     t = config.train  # KA-MIG on the frozen demo backbone: graph modules + head only
     t.mode = "ka_mig"

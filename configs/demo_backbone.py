@@ -8,7 +8,7 @@ def get_config():
     config.output_dir = "output/demo_assets"
     config.data.path = "output/demo_assets/tokens/train"
 
-    t = config.train  # AutoNAT recipe (SPEC §3) scaled to a small CPU run
+    t = config.train  # AutoNAT recipe (docs/reference.md#training-recipes) scaled to a small CPU run
     t.mode = "pretrain"
     t.init_checkpoint = ""
     t.n_steps = 2000

@@ -1,4 +1,7 @@
-"""KA-MIG on a frozen AutoNAT-L (SPEC §3, §5-6); the default config of train_graph.py."""
+"""KA-MIG on a frozen AutoNAT-L: the paper's run and the default config of every script.
+
+Recipes: docs/reference.md#knowledge-graphs and #training-recipes.
+"""
 import ml_collections
 
 from configs import autonat_l
@@ -12,11 +15,18 @@ def get_config():
     g.use_co = True              # token co-occurrence graph G_co (positive)
     g.use_sim = True             # token semantic-similarity graph G_s (positive)
     g.use_incompat = True        # per-class position-token incompatibility G_p (negative)
-    g.gcn_layers = 3
-    g.gcn_hidden = 768           # must equal model.embed_dim (the GCN input is the word embedding)
-    g.co_occurrence = "graph_prior/codebook_co_occurrence_norm_self_50.pkl"
-    g.similarity = "graph_prior/codebook_replace_graph_norm_self.pkl"
-    g.incompatibility = "graph_prior/incompatibility.npz"
+    g.gcn_layers = 3             # GCN width = model.embed_dim (derived: the GCN input is the word embedding)
+    g.dir = "graph_prior"        # the three graph files; names fixed in libs/graphs/files.py (GRAPH_FILES)
+
+    # how graph_construction/build_graphs.py builds them (its flags override these)
+    g.recipe = r = ml_collections.ConfigDict()
+    r.max_images = 50_000        # G_co / G_s: seeded random subset of token maps (<= 0: all); G_p uses all
+    r.seed = 0                   # seed of that subset
+    r.neighbourhood = 8          # G_co: 4- or 8-neighbourhood of a token on the grid
+    r.co_ratio = 0.05            # G_co: keep max(1, int(nnz_row * ratio)) neighbours (51 of 1023 = released file)
+    r.sim_k = 2                  # G_s: neighbours per token
+    r.sim_alpha = 5.0            # G_s: edge weight exp(-alpha * JS)
+    r.sim_measure = "distance"   # G_s: Jensen-Shannon 'distance' (matches the released file) or 'divergence'
 
     t = config.train
     t.mode = "ka_mig"

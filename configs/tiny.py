@@ -25,10 +25,7 @@ def get_config():
     m.num_heads = 2
     m.dropout = 0.0
 
-    config.graph.gcn_hidden = 32
-    config.graph.co_occurrence = ""
-    config.graph.similarity = ""
-    config.graph.incompatibility = ""
+    config.graph.dir = ""
 
     t = config.train
     t.mode = "pretrain"
@@ -42,5 +39,4 @@ def get_config():
     t.save_interval = 10
 
     config.data.path = ""
-    config.data.num_workers = 0
     return config

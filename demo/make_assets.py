@@ -8,12 +8,11 @@ weight files, the tokenizer report, the backbone's training log and manifest.jso
 """
 import argparse
 import sys
-from pathlib import Path
 
+from demo.pipeline import StageFailed, build_assets, load_demo_config, parse_demo_args
 
 
 def main(argv=None):
-    from demo.pipeline import StageFailed, build_assets, load_demo_config, parse_demo_args
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.py", help="demo config (tokenizer sizes and training)")
     parser.add_argument("--backbone-config", default="configs/demo_backbone.py", help="backbone pretraining config")

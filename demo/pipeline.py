@@ -1,4 +1,4 @@
-"""The CPU demo (issue 6): runs the repo's real entry points as subprocesses, times each stage, writes metrics.
+"""The CPU demo: runs the repo's real entry points as subprocesses, times each stage, writes metrics.
 
 `run_demo` (make demo): data -> tokens -> graphs -> KA-MIG training on the frozen demo backbone -> labelled
 grids -> FID reference statistics of held-out images -> samples + FID of KA-MIG and of the bare backbone.
@@ -6,6 +6,7 @@ grids -> FID reference statistics of held-out images -> samples + FID of KA-MIG 
 Every stage is a subprocess `python <script> --config <file> <overrides>`, its output is shown live (progress
 bars included) and saved under <out>/logs/.
 """
+import csv
 import json
 import math
 import os
@@ -16,14 +17,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from libs.checkpoint import atomic_write
 from libs.config import apply_override, load_config_file, split_overrides
+from libs.data.images import list_image_folder
+from libs.data.tokens import file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CO_FILE = "codebook_co_occurrence_norm_self_50.pkl"   # names written by graph_construction/build_graphs.py
-SIM_FILE = "codebook_replace_graph_norm_self.pkl"
-INCOMPAT_FILE = "incompatibility.npz"
 TOKENIZER_FILE = "vqgan_demo.pth"
 BACKBONE_FILE = "autonat_demo.pth"
 MANIFEST_FILE = "manifest.json"
@@ -193,9 +194,7 @@ def run_demo(config_file, overrides, out, data_root=None, assets=None, threads=0
     common = ["--config", str(config_file), *[f"--config.{k}={v}" for k, v in overrides],
               f"--config.output_dir={out}", "--config.run_name=ka_mig", f"--config.data.path={p['tokens']}",
               f"--config.tokenizer.checkpoint={p['tokenizer']}", f"--config.train.init_checkpoint={p['backbone']}",
-              f"--config.graph.co_occurrence={p['graphs'] / CO_FILE}",
-              f"--config.graph.similarity={p['graphs'] / SIM_FILE}",
-              f"--config.graph.incompatibility={p['graphs'] / INCOMPAT_FILE}"]
+              f"--config.graph.dir={p['graphs']}"]
     sampling = ["--device", "cpu", "--batch-size", str(d.batch_size), "--seed", str(d.sample_seed)]
 
     runner.run("data", ["-m", "demo.make_data", "--out", str(data_root), *common],
@@ -204,8 +203,8 @@ def run_demo(config_file, overrides, out, data_root=None, assets=None, threads=0
                           "--out", str(p["tokens"]), "--no-flip", "--workers", "0", "--device", "cpu",
                           "--batch-size", "250", "--overwrite", *common],
                "tokenize the train split with the demo VQGAN")
-    runner.run("graphs", ["-m", "graph_construction.build_graphs", "--tokens", str(p["tokens"]), "--out", str(p["graphs"]),
-                          "--max-images", "0", "--num-threads", str(n_threads)],
+    runner.run("graphs", ["-m", "graph_construction.build_graphs", "--tokens", str(p["tokens"]),
+                          "--num-threads", str(n_threads), *common],
                "G_co, G_s and G_p from the demo tokens")
     runner.run("train_ka_mig", ["train_graph.py", *common],
                f"KA-MIG graph modules + head on the frozen backbone, {config.train.n_steps} steps")
@@ -251,9 +250,6 @@ def newest_run(root: Path) -> Path:
 
 def comparison_figure(val_root: Path, grids: dict, path: Path, num_classes: int, per_class: int = 4, scale: int = 3):
     """One PNG: per class (rows) `per_class` held-out images | backbone samples | KA-MIG samples, upscaled."""
-    from PIL import Image, ImageDraw
-    from libs.data.images import list_image_folder
-
     def load(p):
         with Image.open(p) as im:
             return np.asarray(im.convert("RGB"))
@@ -286,7 +282,6 @@ def comparison_figure(val_root: Path, grids: dict, path: Path, num_classes: int,
 
 def read_train_log(path: Path) -> list:
     """Rows of the trainer's log.csv as dicts of floats."""
-    import csv
     if not path.is_file():
         return []
     with open(path) as f:
@@ -433,5 +428,4 @@ def copy_atomic(src: Path, dst: Path):
 
 
 def sha256(path: Path) -> str:
-    from libs.data.tokens import file_sha256
     return file_sha256(path)

@@ -9,14 +9,20 @@ Class c (0 <= c < 10) differs from the others in
 Everything is drawn up front from one numpy Generator, so `make_images(..., seed)` is deterministic.
 """
 import colorsys
+import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Tuple
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from libs.checkpoint import atomic_write
 
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "plus", "cross", "ellipse", "star", "hexagon")
 MAX_CLASSES = len(SHAPES)
@@ -193,7 +199,6 @@ def make_images(num_per_class: int, num_classes: int = MAX_CLASSES, resolution: 
 
 def write_image_folder(root, images: np.ndarray, labels: np.ndarray, names, progress=None) -> Path:
     """Writes root/<class name>/<index>.png for uint8 [N,H,W,3] images; the tree appears atomically (rename)."""
-    from PIL import Image
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
@@ -218,10 +223,6 @@ SPLIT_SEED_OFFSET = {"train": 0, "val": 1}
 
 def write_demo_splits(root, splits, num_classes: int, resolution: int, seed: int, per_class: dict) -> dict:
     """Generates and writes root/<split>/<class>/*.png for each split (seed + SPLIT_SEED_OFFSET[split])."""
-    import json
-    import time
-    from tqdm import tqdm
-    from libs.checkpoint import atomic_write
     root = Path(root)
     names = class_names(num_classes)
     written = {}

@@ -9,12 +9,11 @@ subprocesses; writes grids, metrics.json, summary.txt and logs/ to the output fo
 """
 import argparse
 import sys
-from pathlib import Path
 
+from demo.pipeline import StageFailed, load_demo_config, parse_demo_args, run_demo
 
 
 def main(argv=None):
-    from demo.pipeline import StageFailed, load_demo_config, parse_demo_args, run_demo
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None,
                         help="demo config (default configs/demo.py, or configs/demo_smoke.py with --smoke); "

@@ -6,7 +6,9 @@ Codes start from k-means over encoder outputs, and codes unused for `restart_int
 onto random encoder outputs, so the codebook does not collapse. No GAN or perceptual loss: enough for
 the demo's 32x32 images, not for ImageNet.
 """
+import json
 import math
+import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -15,8 +17,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from libs.checkpoint import atomic_torch_save
-from libs.models.vqgan import VQGAN
+from demo.pipeline import shown_path
+from libs.checkpoint import atomic_torch_save, atomic_write
+from libs.config import config_to_dict
+from libs.data.images import list_image_folder, load_image_file
+from libs.models.vqgan import VQGAN, tokenizer_config
 
 
 @dataclass
@@ -193,11 +198,8 @@ def save_tokenizer(model: VQGAN, path, extra: dict = None):
     return atomic_torch_save({"state_dict": state, "tokenizer": model.config_dict(), **(extra or {})}, path)
 
 
-
-
 def load_image_split(root, resolution: int) -> np.ndarray:
     """All images of an ImageFolder split as uint8 [N,R,R,3] (ADM center crop to `resolution`)."""
-    from libs.data.images import list_image_folder, load_image_file
     root = Path(root)
     _, items = list_image_folder(root)
     return np.stack([load_image_file(root / rel, resolution) for rel, _ in items])
@@ -205,11 +207,6 @@ def load_image_split(root, resolution: int) -> np.ndarray:
 
 def run_tokenizer_training(config, data_dir, val_dir, out_path) -> dict:
     """demo/train_tokenizer.py: builds config.tokenizer's VQGAN, trains it on data_dir, saves weights + report."""
-    import json
-    import time
-    from libs.checkpoint import atomic_write
-    from libs.config import config_to_dict
-    from libs.models.vqgan import tokenizer_config
     t0 = time.time()
     cfg = train_config(config.tokenizer_train)
     tok_cfg = tokenizer_config(config.tokenizer)
@@ -221,7 +218,6 @@ def run_tokenizer_training(config, data_dir, val_dir, out_path) -> dict:
           f"{model.grid_size}x{model.grid_size} tokens of {tok_cfg.codebook_size} codes; {len(images)} training images")
     before = reconstruction_mse(model, val)
     history = train_tokenizer(model, images, cfg)
-    from demo.pipeline import shown_path
     report = {"recon_mse_before": before, "recon_mse_after": reconstruction_mse(model, val),
               **code_usage(model, val),
               "eval_images": shown_path(val_dir) if val_dir is not None else f"{shown_path(data_dir)} (first 256)",

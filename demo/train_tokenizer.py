@@ -6,13 +6,13 @@ Writes {"state_dict", "tokenizer", "train"} atomically (loads with libs.models.v
 <out>.json with the loss log and the reconstruction error before / after training.
 """
 import argparse
-import sys
 from pathlib import Path
 
+from demo.tokenizer_training import run_tokenizer_training
+from libs.config import parse_args_with_config
 
 
 def main(argv=None):
-    from libs.config import parse_args_with_config
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="ImageFolder split to train on (default <demo.data_root>/train)")
     parser.add_argument("--val", default=None,
@@ -21,7 +21,6 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="weights file (default config.tokenizer.checkpoint)")
     args, config = parse_args_with_config(parser, "configs/demo.py", argv)
 
-    from demo.tokenizer_training import run_tokenizer_training
     data = Path(args.data or Path(config.demo.data_root) / "train")
     val = Path(args.val) if args.val else Path(config.demo.data_root) / "val"
     return run_tokenizer_training(config, data, val if (args.val or val.is_dir()) else None,

@@ -1,54 +1,62 @@
-"""Builds the KA-MIG knowledge graphs (SPEC §5) from a token dataset.
+"""Builds the three KA-MIG knowledge graphs from a token dataset (docs/reference.md#knowledge-graphs).
 
-    python -m graph_construction.build_graphs --tokens assets/imagenet256_vq_features --out graph_prior/
+    python -m graph_construction.build_graphs --tokens assets/imagenet256_vq_features/train
 
-writes, next to a `<file>.json` metadata sidecar each,
+writes into config.graph.dir (default graph_prior/; --out overrides), next to a `<file>.json` metadata sidecar each,
   codebook_co_occurrence_norm_self_50.pkl   G_co, [edge_index, edge_weight] like the released file
   codebook_replace_graph_norm_self.pkl      G_s,  [edge_index, edge_weight] like the released file
   incompatibility.npz                       G_p as packed (class, position, token) occurrence bits
-G_co and G_s use a seeded random subset of `--max-images` token maps (paper: 50K), G_p all maps.
+The recipe is config.graph.recipe (`--config.graph.recipe.sim_k=3`, or the flags below, which override it).
+G_co and G_s use a seeded random subset of `max_images` token maps (paper: 50K), G_p all maps.
 """
 import argparse
 import functools
 import hashlib
-import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
 
-from libs.graphs import recipes as G  # noqa: E402
+from libs.config import parse_args_with_config
+from libs.data.tokens import load_tokens
+from libs.graphs import recipes as G
+from libs.graphs.files import GRAPH_FILES, sample_tokens, save_edge_graph, save_incompatibility, save_sample_tokens
 
-CO_FILE = "codebook_co_occurrence_norm_self_50.pkl"
-SIM_FILE = "codebook_replace_graph_norm_self.pkl"
-INCOMPAT_FILE = "incompatibility.npz"
-GRAPHS = ("co", "sim", "incompat")
+GRAPHS = tuple(GRAPH_FILES)  # co, sim, incompat
+RECIPE_FLAGS = ("max_images", "seed", "neighbourhood", "co_ratio", "sim_k", "sim_alpha", "sim_measure")
 
 
 def parse_args(argv=None):
-    """Command-line flags -> argparse.Namespace (graphs as a tuple)."""
+    """Command-line flags -> (argparse.Namespace with the resolved recipe values, config)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", required=True,
                    help="token dataset: a directory (tokens.npy, labels.npy, meta.json) or the paper's .npy")
-    p.add_argument("--out", default="graph_prior", help="output folder (default graph_prior/)")
+    p.add_argument("--out", default=None, help="output folder (default config.graph.dir, graph_prior/)")
     p.add_argument("--graphs", default=",".join(GRAPHS), help="comma list of co,sim,incompat (default all)")
-    p.add_argument("--neighbourhood", type=int, default=8, choices=(4, 8), help="G_co neighbourhood")
-    p.add_argument("--co-ratio", type=float, default=G.DEFAULT_CO_RATIO,
-                   help=f"G_co keeps max(1, int(nnz*ratio)) per row (default {G.DEFAULT_CO_RATIO}: "
+    p.add_argument("--neighbourhood", type=int, default=None, choices=(4, 8),
+                   help="G_co neighbourhood (default config.graph.recipe.neighbourhood, 8)")
+    p.add_argument("--co-ratio", type=float, default=None,
+                   help="G_co keeps max(1, int(nnz*ratio)) per row (default config.graph.recipe.co_ratio, 0.05: "
                         "51 neighbours of 1023, as the released file)")
-    p.add_argument("--sim-k", type=int, default=G.DEFAULT_SIM_K, help="G_s neighbours per token")
-    p.add_argument("--sim-alpha", type=float, default=G.DEFAULT_SIM_ALPHA, help="G_s weight exp(-alpha*JS)")
-    p.add_argument("--sim-measure", default="distance", choices=("distance", "divergence"),
-                   help="JS distance (sqrt, matches the released file) or divergence")
-    p.add_argument("--max-images", type=int, default=G.DEFAULT_MAX_IMAGES,
-                   help="token maps sampled for G_co / G_s (<= 0: all; paper: 50000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the G_co / G_s sample")
+    p.add_argument("--sim-k", type=int, default=None, help="G_s neighbours per token (default recipe.sim_k, 2)")
+    p.add_argument("--sim-alpha", type=float, default=None,
+                   help="G_s weight exp(-alpha*JS) (default recipe.sim_alpha, 5)")
+    p.add_argument("--sim-measure", default=None, choices=("distance", "divergence"),
+                   help="JS distance (sqrt, matches the released file; the default) or divergence")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="token maps sampled for G_co / G_s (<= 0: all; default recipe.max_images, 50000)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the G_co / G_s sample (default recipe.seed, 0)")
     p.add_argument("--codebook-size", type=int, default=None, help="expected codebook size (default: dataset's)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classes of G_p (default: the dataset's; must cover every label)")
     p.add_argument("--num-threads", type=int, default=None, help="counting threads (default: CPU count, max 4)")
     p.add_argument("--write-sample-tokens", action="store_true",
                    help="also write the sample as a train_img_50K_token.pkl-style dict (paper notebooks)")
-    args = p.parse_args(argv)
+    args, config = parse_args_with_config(p, "configs/ka_mig_l.py", argv)
+    for key in RECIPE_FLAGS:  # a flag overrides the config's recipe
+        if getattr(args, key) is None:
+            setattr(args, key, config.graph.recipe[key])
+    args.out = args.out or config.graph.dir
     args.graphs = tuple(g.strip() for g in args.graphs.split(",") if g.strip())
     unknown = [g for g in args.graphs if g not in GRAPHS]
     if unknown or not args.graphs:
@@ -63,15 +71,12 @@ def sample_file_name(n: int) -> str:
 
 def bar(desc):
     """A tqdm wrapper for the libs' `progress` argument."""
-    from tqdm import tqdm
     return functools.partial(tqdm, desc=desc, unit="chunk", leave=False)
 
 
 def main(argv=None):
     """Loads the tokens, builds the chosen graphs and writes them with metadata; returns {name: path}."""
     args = parse_args(argv)
-    from libs.graphs.files import sample_tokens, save_edge_graph, save_incompatibility, save_sample_tokens
-    from libs.data.tokens import load_tokens
 
     t0 = time.time()
     tokens, labels, meta = load_tokens(args.tokens, codebook_size=args.codebook_size)  # [N,L], [N]
@@ -94,7 +99,7 @@ def main(argv=None):
         "tokenizer_sha256": meta.get("tokenizer_sha256"),
         "codebook_size": K, "grid": grid, "seq_len": L,
         "num_maps_total": N, "rows_per_image": meta.get("rows_per_image"),
-        "built_by": "graph_construction/build_graphs.py",
+        "built_by": "graph_construction.build_graphs",
     }
     subset = {"num_nodes": K, "num_maps_used": int(len(idx)), "max_images": args.max_images, "seed": args.seed,
               "sample_indices_sha256": hashlib.sha256(idx.tobytes()).hexdigest()}
@@ -107,7 +112,7 @@ def main(argv=None):
         recipe = {"graph": "co_occurrence", "neighbourhood": args.neighbourhood, "ratio": args.co_ratio,
                   "top_k": "max(1, int(nnz_row * ratio)), ties -> smaller id", "self_loops": 1.0,
                   "scaling": "1/sqrt(c_i*c_j), c = out-edges incl. self-loop"}
-        written["co"] = save_edge_graph(out / CO_FILE, ei, ew, {**common, **subset, "recipe": recipe})
+        written["co"] = save_edge_graph(out / GRAPH_FILES['co'], ei, ew, {**common, **subset, "recipe": recipe})
         print(f"G_co: {ew.shape[0]} edges -> {written['co']}")
 
     if "sim" in args.graphs:
@@ -118,7 +123,7 @@ def main(argv=None):
                   "measure": f"Jensen-Shannon {args.sim_measure} (natural log)",
                   "normalisation": "row min-max, / Frobenius norm, row softmax",
                   "self_loops": 1.0, "scaling": "1/sqrt(c_i*c_j), c = out-edges incl. self-loop"}
-        written["sim"] = save_edge_graph(out / SIM_FILE, ei, ew, {**common, **subset, "recipe": recipe})
+        written["sim"] = save_edge_graph(out / GRAPH_FILES['sim'], ei, ew, {**common, **subset, "recipe": recipe})
         print(f"G_s: {ew.shape[0]} edges -> {written['sim']}")
 
     if "incompat" in args.graphs:
@@ -128,7 +133,7 @@ def main(argv=None):
                   "rows": "1/|I| on tokens I never seen at (class, position), 0 elsewhere",
                   "storage": "np.packbits(occurs, axis=-1, bitorder='little'); null class (id C) = zeros"}
         written["incompat"] = save_incompatibility(
-            out / INCOMPAT_FILE, packed, {**common, "num_classes": num_classes, "num_maps_used": N, "recipe": recipe})
+            out / GRAPH_FILES['incompat'], packed, {**common, "num_classes": num_classes, "num_maps_used": N, "recipe": recipe})
         print(f"G_p: {packed.nbytes / 2 ** 20:.1f} MiB of bits -> {written['incompat']}")
 
     if args.write_sample_tokens:

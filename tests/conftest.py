@@ -22,7 +22,7 @@ def fid_extractor(tmp_path_factory):
 
 @pytest.fixture
 def use_fid_extractor(fid_extractor, monkeypatch):
-    """Makes libs.evaluation.inception.load_feature_extractor return the session's extractor (for in-process scripts)."""
-    from libs.evaluation import inception
-    monkeypatch.setattr(inception, "load_feature_extractor", lambda *a, **k: fid_extractor)
+    """Makes load_feature_extractor return the session's extractor (for in-process scripts)."""
+    from tests.helpers import patch_feature_extractor
+    patch_feature_extractor(monkeypatch, lambda *a, **k: fid_extractor)
     return fid_extractor

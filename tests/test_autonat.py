@@ -1,7 +1,10 @@
 """Backbone: output shape, detached head embedding, SDPA attention, strict loading, tokenizer check."""
+import copy
+
 import pytest
 import torch
 
+from libs.models import cpu_kernels
 from libs.models.autonat import AutoNATConfig, check_tokenizer_matches
 from libs.checkpoint import load_state_dict_file, load_strict
 from tests.helpers import tiny_backbone
@@ -73,42 +76,43 @@ def test_tokenizer_backbone_mismatch_refused():
         check_tokenizer_matches(32, 8, cfg)
 
 
-# ----------------------------------------------------------------------------- oneDNN inference linears
+# ----------------------------------------------------------------------------- CPU kernels (oneDNN linears)
 
 @pytest.mark.parametrize("bias, gelu", [(True, False), (False, False), (True, True)])
 def test_onednn_linear_equals_f_linear(bias, gelu):
-    from libs.models import autonat
-    assert autonat._ONEDNN_LINEAR is not None  # the pinned torch has it; otherwise this test proves nothing
+    assert cpu_kernels.ONEDNN_LINEAR is not None  # the pinned torch has it; otherwise this test proves nothing
     g = torch.Generator().manual_seed(0)
     x = torch.randn(17, 3, 64, generator=g).transpose(0, 1)  # [3,17,64], not contiguous
-    w = torch.randn(96, 64, generator=g) * 0.1
-    b = torch.randn(96, generator=g) if bias else None
-    want = torch.nn.functional.linear(x, w, b)
+    plain = torch.nn.Linear(64, 96, bias=bias)
+    want = plain(x)
     want = torch.nn.functional.gelu(want) if gelu else want
+    layer = cpu_kernels.OneDNNLinear(plain, gelu=gelu)
+    assert layer.weight is plain.weight  # parameters shared, not copied
     with torch.no_grad():
-        assert autonat.use_onednn(x, w)
-        got = autonat.linear(x, w, b, gelu=gelu)
+        assert cpu_kernels.onednn_eligible(x, layer.weight)
+        got = layer(x)
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_onednn_backbone_matches_default_path_and_stays_out_of_training(monkeypatch):
-    from libs.models import autonat
-    model = tiny_backbone().eval()
+def test_cpu_kernel_switch_keeps_logits_and_weights_and_stays_out_of_training(monkeypatch):
+    plain = tiny_backbone().eval()
+    fast = cpu_kernels.apply_cpu_kernels(copy.deepcopy(plain), "onednn")
+    assert cpu_kernels.apply_cpu_kernels(plain, "default") is plain
+    assert not any(isinstance(m, cpu_kernels.OneDNNLinear) for m in plain.modules())
+    assert list(fast.state_dict()) == list(plain.state_dict())  # same checkpoint names
     ids, cls = torch.randint(0, 33, (3, 16)), torch.tensor([0, 3, 4])
     calls = []
-    onednn = autonat._ONEDNN_LINEAR
-    monkeypatch.setattr(autonat, "_ONEDNN_LINEAR", lambda *a: calls.append(a[3]) or onednn(*a))
+    onednn = cpu_kernels.ONEDNN_LINEAR
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_LINEAR", lambda *a: calls.append(a[3]) or onednn(*a))
     with torch.no_grad():
-        fast = model(ids, cls)
-        n_layers = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) + 1  # + the tied logits
-        assert len(calls) == n_layers and calls.count("gelu") == len(model.blocks) + 1  # MLPs + head fc
-        monkeypatch.setattr(autonat, "CPU_INFERENCE_ONEDNN", False)
-        default = model(ids, cls)
-        monkeypatch.setattr(autonat, "CPU_INFERENCE_ONEDNN", True)
-    assert len(calls) == n_layers  # switched off: F.linear only
-    assert torch.allclose(fast, default, atol=1e-5, rtol=1e-5)
-    x, w = torch.randn(2, 8), torch.randn(4, 8)
-    assert not autonat.use_onednn(x, w)  # grad enabled: F.linear, so autograd works as usual
+        got, want = fast(ids, cls), plain(ids, cls)
+    n_layers = sum(isinstance(m, torch.nn.Linear) for m in plain.modules())
+    assert len(calls) == n_layers and calls.count("gelu") == len(plain.blocks) + 1  # MLPs + head fc, fused
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    calls.clear()
+    fast(ids, cls).sum().backward()  # grad enabled: F.linear, so autograd works as usual
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not autonat.use_onednn(x, w)  # autocast keeps its own casting rules
-        assert model(ids, cls).dtype == torch.bfloat16
+        assert fast(ids, cls).dtype == torch.bfloat16  # autocast keeps its own casting rules
+    assert calls == []
+    with pytest.raises(ValueError, match="cpu kernels"):
+        cpu_kernels.apply_cpu_kernels(plain, "mkl")

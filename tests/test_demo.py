@@ -1,4 +1,4 @@
-"""The CPU demo (issue 6): procedural data, tokenizer training, committed weights, and a smoke run of the pipeline."""
+"""The CPU demo: procedural data, tokenizer training, committed weights, and a smoke run of the pipeline."""
 import json
 import math
 import subprocess

@@ -9,9 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from libs.graphs.files import save_edge_graph, save_incompatibility
-from tests.helpers import tiny_vqgan
-from tests.test_ka_mig import randomise_fusion, tiny_graphs, tiny_ka_mig
+from libs.graphs.files import graph_paths, save_edge_graph, save_incompatibility
+from tests.helpers import patch_feature_extractor, randomise_fusion, tiny_graphs, tiny_ka_mig, tiny_vqgan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,14 +25,13 @@ def tiny_assets(tmp_path_factory):
     torch.save(model.state_dict(), root / "ka_mig.pth")
     torch.save(backbone.state_dict(), root / "backbone.pth")
     graphs = tiny_graphs()
-    save_edge_graph(root / "co.pkl", *graphs["co"], meta={"codebook_size": 32})
-    save_edge_graph(root / "sim.pkl", *graphs["sim"], meta={"codebook_size": 32})
-    save_incompatibility(root / "incompat.npz", graphs["incompat"].numpy(),
+    paths = graph_paths(root / "graphs")
+    save_edge_graph(paths["co"], *graphs["co"], meta={"codebook_size": 32})
+    save_edge_graph(paths["sim"], *graphs["sim"], meta={"codebook_size": 32})
+    save_incompatibility(paths["incompat"], graphs["incompat"].numpy(),
                          meta={"codebook_size": 32, "grid": 4, "num_classes": 4})
     overrides = ["--config", "configs/tiny.py", f"--config.tokenizer.checkpoint={root / 'vq.ckpt'}",
-                 "--config.model.depth=4", f"--config.graph.co_occurrence={root / 'co.pkl'}",
-                 f"--config.graph.similarity={root / 'sim.pkl'}",
-                 f"--config.graph.incompatibility={root / 'incompat.npz'}"]
+                 "--config.model.depth=4", f"--config.graph.dir={root / 'graphs'}"]
     return root, overrides
 
 
@@ -103,11 +101,10 @@ def write_reference_stats(path, extractor, n=8, seed=0):
 def test_generate_npz_writes_metrics_and_refuses_bad_reference(tiny_assets, tmp_path, use_fid_extractor, monkeypatch):
     import generate_npz
     import json
-    from libs.evaluation import inception
     root, overrides = tiny_assets
     ref = write_reference_stats(tmp_path / "ref.npz", use_fid_extractor)
     calls = []
-    monkeypatch.setattr(inception, "load_feature_extractor", lambda *a, **k: calls.append(k) or use_fid_extractor)
+    patch_feature_extractor(monkeypatch, lambda *a, **k: calls.append(k) or use_fid_extractor)
     args = ["--checkpoint", str(root / "ka_mig.pth"), "--num-samples", "6", "--batch-size", "3",
             "--device", "cpu", *overrides]
     generate_npz.main(args + ["--out", str(tmp_path / "ok"), "--ref-stats", str(ref),

@@ -261,7 +261,7 @@ def test_built_graph_files_plug_into_the_ka_mig_model(tmp_path):
     graphs = {"co": load_edge_graph(tmp_path / CO), "sim": load_edge_graph(tmp_path / SIM),
               "incompat": load_incompatibility(tmp_path / "g_p.npz", num_classes=C)["packed"]}
     backbone = tiny_backbone(codebook_size=K, seq_len=grid * grid, num_classes=C)
-    model = KAMIG(backbone.cfg, GraphConfig(gcn_hidden=32), graphs).eval()
+    model = KAMIG(backbone.cfg, GraphConfig(), graphs).eval()
     ids = torch.from_numpy(maps[:3].reshape(3, -1))
     out = model(ids, torch.tensor([0, 3, C]))  # includes the null class
     assert out.shape == (3, grid * grid, K) and torch.isfinite(out).all()

@@ -1,4 +1,4 @@
-"""Knowledge graphs (SPEC §5): vectorised builders against plain-loop references on tiny maps."""
+"""Knowledge graphs (docs/reference.md#knowledge-graphs): vectorised builders against plain-loop references."""
 import math
 
 import numpy as np

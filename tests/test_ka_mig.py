@@ -4,56 +4,14 @@ import pickle
 import pytest
 import torch
 
-from libs.models.autonat import AutoNAT
 from libs.checkpoint import load_state_dict_file, load_strict
 from libs.graphs.recipes import incompatibility_rows, unpack_occurrence_torch as unpack_bits
+from libs.models.autonat import AutoNAT
+from libs.models.fusion_cache import FusionCache
 from libs.models.ka_mig import GCNConv, GraphConfig, KAMIG, gcn_norm
-from tests.helpers import OFFICIAL_GRAPHS, manifest, read_manifest, tiny_backbone
-
-K, L, C = 32, 16, 4
-
-
-def random_graph(num_nodes, n_edges, seed, self_loops):
-    g = torch.Generator().manual_seed(seed)
-    index = torch.randint(0, num_nodes, (2, n_edges), generator=g)
-    if self_loops:
-        loops = torch.arange(0, num_nodes, 2)
-        index = torch.cat([index, torch.stack([loops, loops])], 1)
-    else:
-        index = index[:, index[0] != index[1]]
-    return index, torch.rand(index.shape[1], generator=g) + 0.1
-
-
-def random_occurrence(seed, classes=C, seq_len=L, K=K):
-    g = torch.Generator().manual_seed(seed)
-    occurs = torch.rand(classes, seq_len, K, generator=g) < 0.6
-    occurs[0, 0] = True  # one (class, position) where every token occurs
-    padded = torch.zeros(classes, seq_len, (K + 7) // 8 * 8, dtype=torch.bool)
-    padded[..., :K] = occurs
-    weights = 2 ** torch.arange(8)
-    packed = (padded.view(classes, seq_len, -1, 8).long() * weights).sum(-1).to(torch.uint8)
-    return occurs, packed
-
-
-def tiny_graphs(seed=0):
-    return dict(co=random_graph(K, 120, seed, True), sim=random_graph(K, 60, seed + 1, False),
-                incompat=random_occurrence(seed)[1])
-
-
-def tiny_ka_mig(graph_cfg=None, seed=0):
-    backbone = tiny_backbone(seed=seed)
-    model = KAMIG(backbone.cfg, graph_cfg or GraphConfig(gcn_hidden=32), tiny_graphs())
-    missing = load_strict(model, backbone.state_dict(), allow_missing=("graph_layer.",))
-    assert missing and all(k.startswith("graph_layer.") for k in missing)
-    return model.eval(), backbone
-
-
-def randomise_fusion(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.graph_layer.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
+from tests.helpers import (K, L, OFFICIAL_GRAPHS, graph_features, injection, manifest, random_graph,
+                           random_occurrence, randomise_fusion, read_manifest, reference_forward, tiny_backbone,
+                           tiny_graphs, tiny_ka_mig)
 
 def test_full_size_manifest_and_backbone_load():
     with torch.device("meta"):
@@ -128,17 +86,17 @@ def test_mask_gathers_nothing_and_null_class_has_no_prior():
     ids = torch.randint(0, K, (3, L))
     ids[:, ::2] = K
     cls = torch.tensor([4, 1, 4])
-    feats = model.graph_features(ids, cls)
+    feats = graph_features(model, ids, cls)
     masked = ids == K
-    assert torch.all(feats.co[masked] == 0) and torch.all(feats.sim[masked] == 0)
-    assert feats.co[~masked].abs().sum() > 0
-    assert torch.all(feats.prior[cls == 4] == 0) and feats.prior[1].abs().sum() > 0
+    assert torch.all(feats["co"][masked] == 0) and torch.all(feats["sim"][masked] == 0)
+    assert feats["co"][~masked].abs().sum() > 0
+    assert torch.all(feats["prior"][cls == 4] == 0) and feats["prior"][1].abs().sum() > 0
     # positive terms vanish at [MASK] places even with non-zero conv biases
-    no_prior = KAMIG(model.cfg, GraphConfig(gcn_hidden=32, use_incompat=False), tiny_graphs())
+    no_prior = KAMIG(model.cfg, GraphConfig(use_incompat=False), tiny_graphs())
     no_prior.load_state_dict(model.state_dict(), strict=False)
-    feats = no_prior.graph_features(ids, cls)
+    feats = graph_features(no_prior, ids, cls)
     for j in range(len(no_prior.blocks)):
-        term = no_prior.injection(j, feats, torch.float32)
+        term = injection(no_prior, j, feats, torch.float32)
         assert torch.all(term[:, 0] == 0)              # class position
         assert torch.all(term[:, 1:][masked] == 0)      # masked places
         assert term[:, 1:][~masked].abs().sum() > 0
@@ -155,7 +113,7 @@ def test_prior_rows_from_packed_bits():
     model, _ = tiny_ka_mig()
     randomise_fusion(model)
     cls = torch.tensor([2, 0, 2, 4])
-    projected = model.graph_layer.pos_neg_codebook_graph_layer.project(model.token_emb.word_embeddings.weight[:K])
+    projected = model.graph_layer.pos_neg_codebook_graph_layer(model.token_emb.word_embeddings.weight[:K])
     dense = torch.cat([incompatibility_rows(unpack_bits(tiny_graphs()["incompat"], K)), torch.zeros(1, L, K)])
     torch.testing.assert_close(model.class_prior(cls), dense[cls] @ projected, atol=1e-6, rtol=0)
 
@@ -164,7 +122,7 @@ def test_prior_rows_from_packed_bits():
                                           (dict(use_sim=False), "re_graph_layer"),
                                           (dict(use_incompat=False), "zero_convs_pos")])
 def test_ablation_switches_remove_modules_and_still_run(flags, absent):
-    model, backbone = tiny_ka_mig(GraphConfig(gcn_hidden=32, **flags))
+    model, backbone = tiny_ka_mig(GraphConfig(**flags))
     assert not any(absent in k for k in model.state_dict())
     ids, cls = torch.randint(0, K + 1, (2, L)), torch.tensor([0, 4])
     assert torch.equal(model(ids, cls), backbone(ids, cls))
@@ -177,12 +135,12 @@ def test_graphs_of_the_wrong_size_are_refused():
     graphs = tiny_graphs()
     graphs["co"] = random_graph(64, 100, 0, True)
     with pytest.raises(ValueError, match="has 64 nodes.*codebook size is 32"):
-        KAMIG(backbone.cfg, GraphConfig(gcn_hidden=32), graphs)
+        KAMIG(backbone.cfg, GraphConfig(), graphs)
     graphs = tiny_graphs()
     graphs["incompat"] = random_occurrence(0, seq_len=9)[1]
     with pytest.raises(ValueError, match=r"\(4, 9, 4\).*\(4, 16, 4\)"):
-        KAMIG(backbone.cfg, GraphConfig(gcn_hidden=32), graphs)
-    model = KAMIG(backbone.cfg, GraphConfig(gcn_hidden=32))
+        KAMIG(backbone.cfg, GraphConfig(), graphs)
+    model = KAMIG(backbone.cfg, GraphConfig())
     with pytest.raises(RuntimeError, match="set_graphs"):
         model(torch.zeros(1, L, dtype=torch.long), torch.zeros(1, dtype=torch.long))
 
@@ -193,39 +151,27 @@ def test_graph_buffers_are_not_persistent():
     assert any("adj" in name for name, _ in model.named_buffers())
 
 
-@pytest.mark.parametrize("flags", [dict(), dict(use_co=False), dict(use_incompat=False),
-                                   dict(use_co=False, use_sim=False)])
-def test_cached_inference_path_equals_reference(flags):
-    model, _ = tiny_ka_mig(GraphConfig(gcn_hidden=32, **flags))
-    randomise_fusion(model)
-    ids = torch.randint(0, K + 1, (6, L))
-    cls = torch.tensor([0, 1, 2, 4, 4, 3])
-    with torch.no_grad():
-        model.use_inference_cache, model.use_fusion_tables = False, False
-        reference = model(ids, cls)  # every fusion conv on every token
-        model.use_inference_cache, model.use_fusion_tables = True, True
-        fast = model(ids, cls)
-        again = model(ids, cls)  # served from the cache
-    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
-    assert torch.equal(fast, again)
+ABLATIONS = [dict(), dict(use_co=False), dict(use_incompat=False), dict(use_co=False, use_sim=False)]
 
 
-@pytest.mark.parametrize("flags", [dict(), dict(use_co=False), dict(use_incompat=False),
-                                   dict(use_co=False, use_sim=False)])
-def test_fusion_tables_equal_per_token_convs_in_training(flags):
-    """The training path (conv folded into [K,dim] tables) gives the per-token convs' loss and gradients."""
-    model, _ = tiny_ka_mig(GraphConfig(gcn_hidden=32, **flags))
-    randomise_fusion(model)
-    model.eval()  # no dropout, but gradients on: the cache is bypassed
-    ids = torch.randint(0, K + 1, (6, L))
+def random_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, K + 1, (6, L), generator=g)
     ids[0, :5] = K
-    cls = torch.tensor([0, 1, 2, 4, 4, 3])
+    return ids, torch.tensor([0, 1, 2, 4, 4, 3])  # includes the null class (4) twice
+
+
+@pytest.mark.parametrize("flags", ABLATIONS)
+def test_forward_equals_per_token_convs_with_gradients(flags):
+    """The model's one forward (convs folded into [K,dim] tables) gives the per-token convs' logits and gradients."""
+    model, _ = tiny_ka_mig(GraphConfig(**flags))
+    randomise_fusion(model)
+    ids, cls = random_batch()
     target = torch.randn(6, L, K)
     results = []
-    for tables in (False, True):
-        model.use_fusion_tables = tables
+    for forward in (reference_forward, KAMIG.forward):
         model.zero_grad(set_to_none=True)
-        out = model(ids, cls)
+        out = forward(model, ids, cls)
         (out * target).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("graph_layer.")}
         results.append((out.detach(), grads))
@@ -237,29 +183,50 @@ def test_fusion_tables_equal_per_token_convs_in_training(flags):
     assert any(g.abs().sum() > 0 for g in fast_grads.values())
 
 
-def test_inference_cache_is_invalidated_by_weight_changes():
-    model, _ = tiny_ka_mig()
-    ids, cls = torch.randint(0, K + 1, (2, L)), torch.tensor([1, 2])
+@pytest.mark.parametrize("flags", ABLATIONS)
+def test_fusion_cache_equals_forward(flags):
+    model, _ = tiny_ka_mig(GraphConfig(**flags))
+    randomise_fusion(model)
+    ids, cls = random_batch()
     with torch.no_grad():
-        before = model(ids, cls)
-        randomise_fusion(model)  # in-place parameter update (like an optimizer step)
-        after = model(ids, cls)
-        model.use_inference_cache, model.use_fusion_tables = False, False
-        reference = model(ids, cls)
-        model.use_fusion_tables = True
-    assert not torch.equal(before, after)
-    torch.testing.assert_close(after, reference, atol=1e-5, rtol=0)
-    with torch.no_grad():
-        model.use_inference_cache = True
-        other = model(ids, torch.tensor([3, 0]))  # new classes -> new class terms
-        model.use_inference_cache = False
-        torch.testing.assert_close(other, model(ids, torch.tensor([3, 0])), atol=1e-5, rtol=0)
+        reference = reference_forward(model, ids, cls)
+        cache = FusionCache(model)
+        fast = cache(ids, cls)
+        again = cache(ids, cls)  # class terms reused
+        other_classes = cache(ids, cls.flip(0))  # new classes -> new class terms
+        torch.testing.assert_close(other_classes, model(ids, cls.flip(0)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+    assert torch.equal(fast, again)
 
 
-def test_training_mode_and_grad_bypass_the_cache():
+def test_fusion_cache_after_weight_change_needs_refresh_and_then_equals_forward():
     model, _ = tiny_ka_mig()
+    ids, cls = random_batch(1)
+    with torch.no_grad():
+        cache = FusionCache(model)
+        before = cache(ids, cls)
+        randomise_fusion(model)  # in-place update, like an optimizer step
+        stale = cache(ids, cls)  # positive tables still describe the old (zero) weights
+        fresh = model(ids, cls)
+        cache.refresh()
+        refreshed = cache(ids, cls)
+        rebuilt = FusionCache(model)(ids, cls)
+    assert not torch.equal(stale, fresh)
+    assert torch.equal(before, stale)
+    torch.testing.assert_close(refreshed, fresh, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rebuilt, fresh, atol=1e-5, rtol=0)
+
+
+def test_fusion_cache_is_never_used_while_training():
+    model, _ = tiny_ka_mig()
+    cache = FusionCache(model)
+    ids, cls = random_batch()
+    with pytest.raises(RuntimeError, match="inference"):
+        cache(ids, cls)  # gradients on
     model.train()
-    ids, cls = torch.randint(0, K + 1, (2, L)), torch.tensor([1, 2])
-    model(ids, cls).sum().backward()
-    assert "_inference_cache" not in model.__dict__
+    with torch.no_grad(), pytest.raises(RuntimeError, match="inference"):
+        cache(ids, cls)  # training mode
+    model(ids, cls).sum().backward()  # the model itself trains as usual
     assert model.graph_layer.zero_convs[0].weight.grad is not None
+    with pytest.raises(TypeError, match="KAMIG"):
+        FusionCache(tiny_backbone())

@@ -1,4 +1,4 @@
-"""Tokenization (issue 3): preprocessing, extract_imagenet_feature.py (skips, flips, resume, torchrun), loader."""
+"""Tokenization: preprocessing, extract_imagenet_feature.py (skips, flips, resume, torchrun), loader."""
 import io
 import os
 import subprocess

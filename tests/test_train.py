@@ -11,9 +11,8 @@ import torch
 from configs import tiny
 from libs.models.ka_mig import GraphConfig, KAMIG
 from libs.checkpoint import load_state_dict_file, load_strict
-from libs.training.trainer import Trainer, build_model
-from tests.helpers import tiny_backbone
-from tests.test_ka_mig import tiny_graphs
+from libs.training.trainer import Trainer, init_model
+from tests.helpers import tiny_backbone, tiny_graphs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +78,7 @@ def test_ka_mig_mode_trains_only_graph_modules_and_head(tmp_path):
                and p.abs().sum() > 0]
     assert changed  # the zero convs did move
     exported = load_state_dict_file(trainer.run_dir / "model_ema.pth")
-    fresh = KAMIG(model.cfg, GraphConfig(gcn_hidden=32), tiny_graphs())
+    fresh = KAMIG(model.cfg, GraphConfig(), tiny_graphs())
     load_strict(fresh, exported)  # the export loads strictly, like graph_nnet_ema.pth
 
 
@@ -129,7 +128,7 @@ def test_missing_backbone_names_the_asset(tmp_path):
     config = tiny_config(tmp_path, "ka_mig")
     config.train.init_checkpoint = str(tmp_path / "assets" / "nnet_ema.pth")
     with pytest.raises(FileNotFoundError, match="nnet_ema.pth"):
-        build_model(config, graphs=tiny_graphs())
+        init_model(config, graphs=tiny_graphs())
 
 
 def run_torchrun(tmp_path, data, out, extra=()):

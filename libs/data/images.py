@@ -1,4 +1,7 @@
-"""Image preprocessing for the tokenizer (SPEC §1, ADM-style center crop) and an image-folder reader."""
+"""Image preprocessing for the tokenizer (ADM-style center crop) and an image-folder reader.
+
+Preprocessing recipe: docs/reference.md#tokenizer.
+"""
 import os
 from pathlib import Path
 from typing import List, Tuple

@@ -1,4 +1,4 @@
-"""Token dataset (issue 3): on-disk format, loader (ours + the paper's .npy), and the chunked builder.
+"""Token dataset: on-disk format, loader (ours + the paper's .npy), and the chunked builder.
 
 Format (a directory):
   tokens.npy  uint16 [N, h*w]  memory-mappable token ids, row order = sorted file list (image row, then
@@ -18,9 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from libs.checkpoint import atomic_write
+from libs.checkpoint import atomic_write, require_file
+from libs.data.images import ImageFileDataset, collate_images, list_image_folder
 from libs.distributed import Distributed
+from libs.models.vqgan import load_tokenizer
 
 FORMAT_VERSION = 1
 TOKENS_FILE, LABELS_FILE, META_FILE = "tokens.npy", "labels.npy", "meta.json"
@@ -333,9 +336,6 @@ def chunk_batches(chunks, chunk_size: int, n_items: int, batch_size: int):
 def compute_chunks(model, dataset, chunks, partial: Path, fingerprint: str, *, chunk_size: int, flip: bool,
                    batch_size: int, workers: int, device, show_progress: bool, stop_after_chunks: int = 0):
     """Encodes the given chunks of `dataset` and writes one file per chunk."""
-    from tqdm import tqdm
-    from libs.data.images import collate_images
-
     batches, owner = chunk_batches(chunks, chunk_size, len(dataset), batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                          collate_fn=collate_images, pin_memory=str(device).startswith("cuda"))
@@ -409,10 +409,6 @@ def extract_token_dataset(image_root, out_dir, tok_cfg, *, flip: bool, batch_siz
                           chunk_size=1024, overwrite=False, keep_partial=False, stop_after_chunks=0,
                           dist: Distributed = None) -> dict:
     """Tokenizes an ImageFolder tree into a token dataset at out_dir (resumable, shardable); returns meta."""
-    from libs.checkpoint import require_file
-    from libs.data.images import ImageFileDataset, list_image_folder
-    from libs.models.vqgan import load_tokenizer
-
     dist = dist or Distributed()
     out_dir = Path(out_dir)
     if tok_cfg.checkpoint:

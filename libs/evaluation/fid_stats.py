@@ -1,10 +1,11 @@
-"""Reference statistics and sample metrics on image sets (SPEC §7); `python -m libs.evaluation.fid_stats` writes ref.npz.
+"""Reference statistics and sample metrics on image sets; `python -m libs.evaluation.fid_stats` writes ref.npz.
 
     python -m libs.evaluation.fid_stats --images <folder of PNG/JPG | .npz with arr_0 uint8 [N,H,W,3]> --out ref.npz \
         [--batch-size 50] [--device cpu|cuda] [--inception-weights PATH] [--save-features]
 
 Images are quantised to uint8 before feature extraction (ADM convention), so in-memory samples and their
 saved PNGs give the same features. The ADM ImageNet-256 reference batch (`mu`, `sigma`, `arr_0`) loads as is.
+Protocol: docs/reference.md#evaluation-protocol.
 """
 import argparse
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from libs.evaluation import metrics
@@ -41,7 +43,6 @@ class ImageSource:
 
     def _folder_batches(self, batch_size: int):
         """Decodes the files batch by batch; all images must have one size."""
-        from PIL import Image
         first_shape, first_file = None, None
         for i in range(0, len(self.files), batch_size):
             batch = []

@@ -1,4 +1,5 @@
-"""pytorch-fid's FID InceptionV3 with offline weights (SPEC §7): pool3 features and logits for FID / IS.
+"""pytorch-fid's FID InceptionV3 with offline weights: pool3 features and logits for FID / IS
+(docs/reference.md#evaluation-protocol).
 
 Weights, first found wins:
   1. `assets/pt_inception-2015-12-05-6726825d.pth` (pytorch-fid's FID weights, with the 1008-way fc layer);

@@ -1,4 +1,5 @@
-"""Sample-quality metrics on Inception features (SPEC §7): FID, precision/recall, Inception Score.
+"""Sample-quality metrics on Inception features: FID, precision/recall, Inception Score
+(docs/reference.md#evaluation-protocol).
 
 Pure functions: float64 where the statistic needs it, no file I/O. Features are [N, D] arrays.
 """

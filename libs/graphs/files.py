@@ -21,6 +21,19 @@ from libs.graphs.recipes import dense_to_occurrence, sample_image_indices, unpac
 
 BUILD_HINT = "it is built by `python -m graph_construction.build_graphs --tokens <dataset> --out graph_prior/`"
 
+# The file of each graph inside a graph folder (config.graph.dir). The two edge-graph names are those of the
+# files released with the paper, so a folder holding the released files works unchanged.
+GRAPH_FILES = {
+    "co": "codebook_co_occurrence_norm_self_50.pkl",   # G_co
+    "sim": "codebook_replace_graph_norm_self.pkl",     # G_s
+    "incompat": "incompatibility.npz",                 # G_p (packed bits)
+}
+
+
+def graph_paths(graph_dir) -> dict:
+    """{'co' | 'sim' | 'incompat': Path} of the three graph files in `graph_dir`."""
+    return {name: Path(graph_dir) / file for name, file in GRAPH_FILES.items()}
+
 
 def missing_graph_error(path) -> FileNotFoundError:
     """FileNotFoundError naming the graph file and the command that builds it."""

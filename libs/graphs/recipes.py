@@ -1,4 +1,5 @@
-"""The three KA-MIG knowledge graphs built from token maps (SPEC §5): pure, vectorised, no I/O.
+"""The three KA-MIG knowledge graphs built from token maps: pure, vectorised, no I/O.
+Recipes and parameters: docs/reference.md#knowledge-graphs.
 
 Token maps are integer arrays [N,h,w] of codebook ids in [0,K) (uint16 or any int dtype, memmaps
 welcome: they are read chunk by chunk). Edge graphs are returned as numpy arrays

@@ -1,46 +1,10 @@
-"""AutoNAT backbone: a U-ViT over VQ tokens with long skips and a tied MLM head (SPEC §2)."""
-import os
+"""AutoNAT backbone: a U-ViT over VQ tokens with long skips and a tied MLM head (docs/reference.md#backbone)."""
 from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
-# fp32 CPU inference runs the linear layers through oneDNN: same numbers to ~1e-6, 10-20% faster than the
-# default MKL GEMM on this project's AMD CPUs (benchmarks/RESULTS.md). False (or KA_MIG_CPU_ONEDNN=0): F.linear.
-CPU_INFERENCE_ONEDNN = os.environ.get("KA_MIG_CPU_ONEDNN", "1") != "0"
-_ONEDNN_LINEAR = (getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-                  if torch.backends.mkldnn.is_available() else None)
-
-
-def _cpu_autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
-def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True for fp32 CPU inference (no grad, no autocast) when torch has oneDNN's fused linear."""
-    return (CPU_INFERENCE_ONEDNN and _ONEDNN_LINEAR is not None and x.device.type == "cpu"
-            and x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not _cpu_autocast_on())
-
-
-def linear(x, weight, bias=None, gelu=False):
-    """F.linear, then exact GELU if `gelu`; fp32 CPU inference does both in one oneDNN call."""
-    if use_onednn(x, weight):
-        return _ONEDNN_LINEAR(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
-    y = F.linear(x, weight, bias)
-    return F.gelu(y) if gelu else y
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state_dict) through `linear`."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
 
 
 @dataclass
@@ -87,8 +51,8 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=False):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
 
     def split_heads(self, x):  # [B,n,dim] -> q, k, v each [B,h,n,dim/h]
         B, n, C = x.shape
@@ -107,11 +71,12 @@ class Mlp(nn.Module):
 
     def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1 = Linear(dim, hidden)
-        self.fc2 = Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(linear(x, self.fc1.weight, self.fc1.bias, gelu=True))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -123,7 +88,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.skip_linear = Linear(2 * dim, dim) if skip else None
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
 
     def forward(self, x, skip=None):
         if self.skip_linear is not None:
@@ -138,12 +103,13 @@ class MlmLayer(nn.Module):
     def __init__(self, dim, vocab_size):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(1, 1, vocab_size))
-        self.fc = Linear(dim, dim)
+        self.fc = nn.Linear(dim, dim)
+        self.act = nn.GELU()
         self.ln = nn.LayerNorm(dim)
 
     def forward(self, x, word_embeddings):  # x [B,n,dim], word_embeddings [V,dim] -> [B,n,V]
-        h = self.ln(linear(x, self.fc.weight, self.fc.bias, gelu=True))
-        return linear(h, word_embeddings.detach(), self.bias.view(-1))
+        h = self.ln(self.act(self.fc(x)))
+        return F.linear(h, word_embeddings.detach(), self.bias.view(-1))
 
 
 class AutoNAT(nn.Module):
@@ -231,12 +197,6 @@ def init_weights(m):
         nn.init.zeros_(m.bias)
     elif isinstance(m, nn.Embedding):
         nn.init.normal_(m.weight, std=0.02)
-
-
-def backbone_config(model_cfg) -> AutoNATConfig:
-    """AutoNATConfig from a config's `model` block."""
-    fields = AutoNATConfig.__dataclass_fields__
-    return AutoNATConfig(**{k: v for k, v in dict(model_cfg).items() if k in fields})
 
 
 def check_tokenizer_matches(tokenizer_codebook_size: int, grid_size: int, cfg: AutoNATConfig):

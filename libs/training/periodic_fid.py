@@ -6,10 +6,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from libs.sampling.decoding import schedule_from_config
-from libs.training.trainer import append_csv
-from libs.sampling.generation import class_labels, index_generators, sample_images
+from libs.evaluation.fid_stats import compute_metrics, load_reference_stats
+from libs.evaluation.inception import load_feature_extractor
+from libs.models.factory import for_sampling
 from libs.models.vqgan import load_tokenizer
+from libs.sampling.decoding import schedule_from_config
+from libs.sampling.generation import class_labels, index_generators, sample_images
+from libs.training.trainer import append_csv
 
 
 def ema_model(trainer):
@@ -26,11 +29,9 @@ def periodic_fid(trainer, batch_size=50, seed=0, extractor=None):
     """Rank 0: FID of `train.fid_samples` balanced samples vs `train.fid_ref_stats`; appended to fid.csv."""
     acc, t, config = trainer.accelerator, trainer.config.train, trainer.config
     if acc.is_main_process:
-        from libs.evaluation.fid_stats import compute_metrics, load_reference_stats
-        from libs.evaluation.inception import load_feature_extractor
         start = time.time()
         device = acc.device
-        model = ema_model(trainer)
+        model = for_sampling(ema_model(trainer))
         tokenizer = load_tokenizer(config.tokenizer, device=device)
         schedule = schedule_from_config(config.sample)
         labels = class_labels(t.fid_samples, config.model.num_classes)

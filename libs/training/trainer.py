@@ -10,43 +10,40 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from tqdm import tqdm
 
-from libs.models.autonat import AutoNAT, backbone_config
 from libs.checkpoint import atomic_torch_save, atomic_write, load_state_dict_file, load_strict
 from libs.config import config_to_dict
-from libs.models.ka_mig import KAMIG, graph_config, trainable_prefixes
+from libs.models.factory import build_model
 from libs.training.objective import make_masked_batch, masked_token_loss
 
 # ----------------------------------------------------------------------------- model
 
-
-def load_graphs(graph_cfg, num_classes=None) -> dict:
-    """Loads the graphs a KA-MIG config switches on (libs.graphs.files), as tensors."""
-    from libs.graphs.files import load_edge_graph, load_incompatibility
-    graphs = {}
-    if graph_cfg.use_co:
-        graphs["co"] = load_edge_graph(graph_cfg.co_occurrence)
-    if graph_cfg.use_sim:
-        graphs["sim"] = load_edge_graph(graph_cfg.similarity)
-    if graph_cfg.use_incompat:
-        graphs["incompat"] = load_incompatibility(graph_cfg.incompatibility, num_classes=num_classes)["packed"]
-    return graphs
+MODE_MODEL = {"pretrain": "autonat", "ka_mig": "ka_mig"}  # train.mode -> the model kind it trains
+TRAINED_PREFIXES = {"pretrain": ("",), "ka_mig": ("graph_layer.", "mlm_layer.")}  # '' = every parameter
 
 
-def build_model(config, graphs=None, load_init=True):
-    """AutoNAT (pretrain) or KAMIG (ka_mig) from a config; loads train.init_checkpoint when set."""
-    cfg = backbone_config(config.model)
-    if config.train.mode == "pretrain":
-        model = AutoNAT(cfg)
-    else:
-        graphs = load_graphs(config.graph, config.model.num_classes) if graphs is None else graphs
-        model = KAMIG(cfg, graph_config(config.graph), graphs)
+def check_mode(mode: str):
+    """Raises ValueError for an unknown train.mode."""
+    if mode not in MODE_MODEL:
+        raise ValueError(f"unknown train.mode '{mode}' ({' or '.join(MODE_MODEL)})")
+
+
+def init_model(config, graphs: dict = None):
+    """The model `train.mode` trains: a fresh AutoNAT (pretrain) or KA-MIG on `train.init_checkpoint` (ka_mig).
+
+    A KA-MIG run loads the backbone strictly with its graph modules left at their (zero-fusion) init.
+    Raises ValueError when ka_mig mode has no init_checkpoint, MissingAssetError when the file is absent.
+    """
+    mode = config.train.mode
+    check_mode(mode)
+    model = build_model(config, MODE_MODEL[mode], graphs)
     init = config.train.init_checkpoint
-    if load_init and init:
-        allow = ("graph_layer.",) if isinstance(model, KAMIG) else ()
+    if init:
+        allow = ("graph_layer.",) if mode == "ka_mig" else ()
         load_strict(model, load_state_dict_file(init), source=init, allow_missing=allow)
-    elif load_init and config.train.mode == "ka_mig":
+    elif mode == "ka_mig":
         raise ValueError("train.mode=ka_mig needs the frozen backbone: set config.train.init_checkpoint "
                          "(default assets/nnet_ema.pth)")
     return model
@@ -54,7 +51,8 @@ def build_model(config, graphs=None, load_init=True):
 
 def freeze_for_mode(model, mode):
     """Sets requires_grad per mode; returns the trained parameter names."""
-    prefixes = trainable_prefixes(mode)
+    check_mode(mode)
+    prefixes = TRAINED_PREFIXES[mode]
     names = []
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(prefixes))
@@ -126,10 +124,9 @@ class Trainer:
     """Runs `config.train` with accelerate (DDP, mixed precision), EMA, exact resume, rank-0 logging."""
 
     def __init__(self, config, tokens, labels, graphs=None, model=None):
-        from accelerate import Accelerator
         t = config.train
         self.config = config
-        precision = os.environ.get("ACCELERATE_MIXED_PRECISION", t.mixed_precision)
+        precision = t.mixed_precision
         if precision == "fp16" and not torch.cuda.is_available():
             warnings.warn("fp16 mixed precision needs a GPU; training in float32 on this CPU")
             precision = "no"
@@ -148,7 +145,7 @@ class Trainer:
 
         if model is None:
             torch.manual_seed(config.seed)  # same initialisation on every rank and in every run
-            model = build_model(config, graphs)
+            model = init_model(config, graphs)
         self.trained_names = freeze_for_mode(model, t.mode)
         self.trained_set = set(self.trained_names)
         params = [p for n, p in model.named_parameters() if n in self.trained_set]
@@ -161,7 +158,6 @@ class Trainer:
         self.ema = {n: p.detach().float().clone() for n, p in self.unwrapped.named_parameters()
                     if n in self.trained_set}
         self.step = 0
-        self.log_rows = []
 
     @property
     def unwrapped(self):

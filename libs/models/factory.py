@@ -1,0 +1,75 @@
+"""The one place that builds the token models from a config: bare AutoNAT or KA-MIG with its graphs.
+
+Training (`libs.training.trainer`), sampling scripts and periodic evaluation all build through here.
+"""
+from libs.checkpoint import load_state_dict_file, load_strict
+from libs.graphs.files import graph_paths, load_edge_graph, load_incompatibility
+from libs.models.autonat import AutoNAT, AutoNATConfig, check_tokenizer_matches
+from libs.models.cpu_kernels import apply_cpu_kernels
+from libs.models.fusion_cache import FusionCache
+from libs.models.ka_mig import KAMIG, GraphConfig
+from libs.models.vqgan import load_tokenizer, tokenizer_config
+
+MODEL_KINDS = ("ka_mig", "autonat")
+DEFAULT_CHECKPOINTS = {"ka_mig": "assets/graph_nnet_ema.pth", "autonat": "assets/nnet_ema.pth"}
+
+
+def backbone_config(model_cfg) -> AutoNATConfig:
+    """AutoNATConfig from a config's `model` block."""
+    return AutoNATConfig(**dict(model_cfg))
+
+
+def graph_config(graph_cfg) -> GraphConfig:
+    """GraphConfig (switches and GCN depth) from a config's `graph` block."""
+    return GraphConfig(use_co=graph_cfg.use_co, use_sim=graph_cfg.use_sim, use_incompat=graph_cfg.use_incompat,
+                       gcn_layers=graph_cfg.gcn_layers)
+
+
+def load_graphs(config) -> dict:
+    """The graphs `config.graph` switches on, read from `config.graph.dir` (libs.graphs.files), as tensors."""
+    g, paths = config.graph, graph_paths(config.graph.dir)
+    graphs = {}
+    if g.use_co:
+        graphs["co"] = load_edge_graph(paths["co"])
+    if g.use_sim:
+        graphs["sim"] = load_edge_graph(paths["sim"])
+    if g.use_incompat:
+        graphs["incompat"] = load_incompatibility(paths["incompat"], num_classes=config.model.num_classes)["packed"]
+    return graphs
+
+
+def build_model(config, kind: str, graphs: dict = None):
+    """A freshly initialised AutoNAT ('autonat') or KAMIG ('ka_mig', graphs loaded when not given)."""
+    if kind == "autonat":
+        return AutoNAT(backbone_config(config.model))
+    if kind == "ka_mig":
+        return KAMIG(backbone_config(config.model), graph_config(config.graph),
+                     load_graphs(config) if graphs is None else graphs)
+    raise ValueError(f"unknown model kind '{kind}' ({' or '.join(MODEL_KINDS)})")
+
+
+def load_model(config, kind: str = "ka_mig", checkpoint=None, device="cpu", graphs: dict = None,
+               cpu_kernels: str = "default"):
+    """A model of `kind` with `checkpoint` (default DEFAULT_CHECKPOINTS[kind]) loaded strictly, frozen, eval mode.
+
+    `cpu_kernels`: 'onednn' runs fp32 CPU inference linears through oneDNN (libs.models.cpu_kernels).
+    Raises MissingAssetError (checkpoint absent), ValueError (another architecture; names the tensors).
+    """
+    checkpoint = checkpoint or DEFAULT_CHECKPOINTS[kind]
+    model = build_model(config, kind, graphs)
+    load_strict(model, load_state_dict_file(checkpoint), source=str(checkpoint))
+    return apply_cpu_kernels(model, cpu_kernels).eval().requires_grad_(False).to(device)
+
+
+def for_sampling(model):
+    """What the sampler calls: a FusionCache over a KA-MIG model (weight-only terms once), else the model."""
+    return FusionCache(model) if isinstance(model, KAMIG) else model
+
+
+def load_tokenizer_and_model(config, kind, checkpoint=None, device="cpu", graphs=None, cpu_kernels="default"):
+    """(tokenizer, sampler) with the codebook/grid check done before any weights are read."""
+    tok = tokenizer_config(config.tokenizer)
+    check_tokenizer_matches(tok.codebook_size, tok.grid_size, backbone_config(config.model))
+    tokenizer = load_tokenizer(config.tokenizer, device=device)
+    model = load_model(config, kind, checkpoint, device, graphs, cpu_kernels)
+    return tokenizer, for_sampling(model)

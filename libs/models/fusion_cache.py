@@ -1,0 +1,66 @@
+"""KA-MIG inference with the weight-dependent fusion terms computed once (the sampler's fast path).
+
+`FusionCache(model)` snapshots what depends only on the weights and the graphs: the fusion tables
+([P,K+1,dim], `KAMIG.fusion_tables`). Per batch it computes the G_p terms of the batch's distinct classes once
+and reuses them while the class ids stay the same (all steps of one decoding run). The rule: a cache describes
+the weights it was built from; after changing them, call `refresh()` (or build a new cache). It refuses to run
+while the model trains or gradients are on, where `model(...)` is the exact differentiable path.
+"""
+import torch
+
+from libs.models.ka_mig import KAMIG, stacked_convs
+
+
+class FusionCache:
+    """Callable like the model, (ids [B,L], class_ids [B]) -> logits [B,L,K], for inference only."""
+
+    def __init__(self, model: KAMIG):
+        if not isinstance(model, KAMIG):
+            raise TypeError(f"FusionCache needs a KAMIG model, got {type(model).__name__}")
+        model.require_graphs()
+        self.model = model
+        self.refresh()
+
+    # the attributes the sampler reads from a model
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.model.mask_token_id
+
+    @property
+    def null_class_id(self) -> int:
+        return self.model.null_class_id
+
+    @torch.no_grad()
+    def refresh(self):
+        """Recomputes the fusion tables from the model's current weights; forgets the class terms."""
+        self.tables = self.model.fusion_tables()  # [P,K+1,dim] or None
+        self.class_key, self.class_terms = None, None
+
+    @torch.no_grad()
+    def terms_for(self, class_ids):
+        """([P,U,L,dim], inverse [B]): zero_convs_pos[p](P_class) for the U distinct classes of the batch."""
+        if self.class_key is None or not torch.equal(self.class_key, class_ids):
+            classes, inverse = class_ids.unique(return_inverse=True)
+            with torch.autocast(class_ids.device.type, enabled=False):
+                prior = self.model.class_prior(classes).float()  # [U,L,dim]
+                weight, bias = stacked_convs(self.model.graph_layer.zero_convs_pos)  # [P,dim,dim], [P,dim]
+                terms = torch.einsum("uld,ped->pule", prior, weight) + bias[:, None, None]  # [P,U,L,dim]
+            self.class_key, self.class_terms = class_ids.clone(), (terms, inverse)
+        return self.class_terms
+
+    def __call__(self, ids, class_ids):
+        model = self.model
+        if model.training or torch.is_grad_enabled():
+            raise RuntimeError("FusionCache is for inference (eval mode, torch.no_grad()); "
+                               "call the model itself to train")
+        class_ids = class_ids.view(-1)
+        negative = None
+        if model.graph_cfg.use_incompat:
+            terms, inverse = self.terms_for(class_ids)
+            negative = lambda point, dtype: terms[point].index_select(0, inverse)  # noqa: E731 - [B,L,dim]
+        inject = model.fused_injection(ids, self.tables, negative)
+        return model.head(model.forward_blocks(model.embed(ids, class_ids), inject))
