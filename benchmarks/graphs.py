@@ -11,16 +11,16 @@ process's maximum RSS (resource.getrusage) at the end.
 import argparse
 import os
 import resource
-import sys
 import threading
 import time
 import tracemalloc
-from pathlib import Path
 
+import numpy as np
 
-import numpy as np  # noqa: E402
+from libs.config import load_config_file
+from libs.graphs import recipes as G
 
-from libs.graphs import recipes as G  # noqa: E402
+RECIPE = load_config_file("configs/ka_mig_l.py").graph.recipe  # the paper's graph recipe
 
 GIB = 2 ** 30
 
@@ -76,7 +76,7 @@ def main(argv=None):
     p.add_argument("--grid", type=int, default=16)
     p.add_argument("--codes", type=int, default=1024)
     p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--sample", type=int, default=G.DEFAULT_MAX_IMAGES, help="maps for G_co / G_s")
+    p.add_argument("--sample", type=int, default=RECIPE.max_images, help="maps for G_co / G_s (default: the recipe's)")
     p.add_argument("--threads", type=int, default=None, help="counting threads (default: libs default)")
     p.add_argument("--skip-full-co", action="store_true", help="skip G_co from all maps")
     args = p.parse_args(argv)
@@ -96,13 +96,13 @@ def main(argv=None):
     kw = dict(num_threads=args.threads)
 
     co_counts = measure(f"G_co counts, {n} maps", lambda: G.co_occurrence_counts(sample, K, **kw), rows)
-    co = measure("G_co top-k + scaling", lambda: G.co_occurrence_graph(co_counts), rows)
+    co = measure("G_co top-k + scaling", lambda: G.co_occurrence_graph(co_counts, RECIPE.co_ratio), rows)
     hist = measure(f"G_s histograms, {n} maps", lambda: G.position_histograms(sample, K, **kw), rows)
-    sim = measure("G_s Jensen-Shannon + k-NN", lambda: G.similarity_graph(hist), rows)
+    sim = measure("G_s Jensen-Shannon + k-NN", lambda: G.similarity_graph(hist, RECIPE.sim_k, RECIPE.sim_alpha, RECIPE.sim_measure), rows)
     packed = measure(f"G_p occurrence bits, {N} maps", lambda: G.occurrence_bits(maps, labels, C, K, **kw), rows)
     if not args.skip_full_co:
         full = measure(f"G_co counts, all {N} maps", lambda: G.co_occurrence_counts(maps, K, **kw), rows)
-        measure("G_co top-k + scaling (all maps)", lambda: G.co_occurrence_graph(full), rows)
+        measure("G_co top-k + scaling (all maps)", lambda: G.co_occurrence_graph(full, RECIPE.co_ratio), rows)
     total = time.perf_counter() - t_start
 
     print()

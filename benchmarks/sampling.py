@@ -211,7 +211,7 @@ def print_sampling(t, args):
     ratios = [k / b for k, b in zip(t["ka_mig"], t["autonat"])]  # run i of each model ran back to back
     print(f"\ncached KA-MIG / backbone, paired by repeat: {' '.join(f'{100 * (x - 1):+.1f}%' for x in ratios)}")
     if t["fusion"] and any(t["fusion"]):  # timed inside the cached runs: the fusion's own cost
-        print(f"time inside the cached fusion (class terms + 25 table lookups per forward), per cached run: "
+        print("time inside the cached fusion (class terms + 25 table lookups per forward), per cached run: "
               + " ".join(f"{f:.2f} s ({100 * f / k:.2f}%)" for f, k in zip(t["fusion"], t["ka_mig"])))
     print(f"token tables (GCNs + 25 folded convs), built once per set of weights before timing: {t['tables']:.2f} s")
     if t["sgemm"]:

@@ -21,30 +21,30 @@ from demo.pipeline import shown_path
 from libs.checkpoint import atomic_torch_save, atomic_write
 from libs.config import config_to_dict
 from libs.data.images import list_image_folder, load_image_file
-from libs.models.vqgan import VQGAN, tokenizer_config
+from libs.models.factory import tokenizer_config
+from libs.models.vqgan import VQGAN
 
 
 @dataclass
 class TokenizerTrainConfig:
-    """Optimisation settings of `train_tokenizer`."""
-    steps: int = 1500
-    batch_size: int = 32
-    lr: float = 2e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    beta: float = 0.25              # commitment weight
-    kmeans_images: int = 256        # images whose encoder outputs seed the codebook
-    kmeans_iters: int = 10
-    restart_interval: int = 100     # steps between dead-code restarts; 0 = never
-    flip: bool = True               # random horizontal flips (the token datasets store flipped rows too)
-    seed: int = 0
-    log_interval: int = 50
+    """Optimisation settings of `train_tokenizer`; the values live in configs/demo.py (`tokenizer_train`)."""
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    beta: float                     # commitment weight
+    kmeans_images: int              # images whose encoder outputs seed the codebook
+    kmeans_iters: int
+    restart_interval: int           # steps between dead-code restarts; 0 = never
+    flip: bool                      # random horizontal flips (the token datasets store flipped rows too)
+    seed: int
+    log_interval: int
 
 
 def train_config(cfg) -> TokenizerTrainConfig:
-    """TokenizerTrainConfig from a config block (unknown keys ignored)."""
-    fields = TokenizerTrainConfig.__dataclass_fields__
-    return TokenizerTrainConfig(**{k: v for k, v in dict(cfg).items() if k in fields})
+    """TokenizerTrainConfig from a config's `tokenizer_train` block (TypeError on a missing or unknown key)."""
+    return TokenizerTrainConfig(**dict(cfg))
 
 
 def to_float(images_u8: np.ndarray, device="cpu") -> torch.Tensor:
@@ -193,7 +193,7 @@ def code_usage(model: VQGAN, images: np.ndarray, batch_size: int = 256) -> dict:
 
 
 def save_tokenizer(model: VQGAN, path, extra: dict = None):
-    """Atomically writes {'state_dict', 'tokenizer', ...extra} (loads with libs.models.vqgan.load_tokenizer)."""
+    """Atomically writes {'state_dict', 'tokenizer', ...extra} (loads with libs.models.factory.load_tokenizer)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return atomic_torch_save({"state_dict": state, "tokenizer": model.config_dict(), **(extra or {})}, path)
 

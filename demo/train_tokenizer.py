@@ -2,7 +2,7 @@
 
     python -m demo.train_tokenizer                                   # data/demo/train -> demo/assets/vqgan_demo.pth
     python -m demo.train_tokenizer --data data/demo/train --out /tmp/vq.pth --config.tokenizer_train.steps=100
-Writes {"state_dict", "tokenizer", "train"} atomically (loads with libs.models.vqgan.load_tokenizer) and
+Writes {"state_dict", "tokenizer", "train"} atomically (loads with libs.models.factory.load_tokenizer) and
 <out>.json with the loss log and the reconstruction error before / after training.
 """
 import argparse

@@ -2,6 +2,7 @@
 import ast
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -84,7 +85,6 @@ def split_overrides(argv):
 
 def parse_args_with_config(parser, default_config: str, argv=None):
     """argparse + `--config <file>` + `--config.x.y=v` overrides -> (args, config)."""
-    import sys
     argv = sys.argv[1:] if argv is None else list(argv)
     overrides, rest = split_overrides(argv)
     parser.add_argument("--config", default=default_config,

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from libs.models import cpu_kernels
-from libs.models.autonat import AutoNATConfig, check_tokenizer_matches
+from libs.models.autonat import AutoNATConfig
+from libs.models.factory import check_tokenizer_matches
 from libs.checkpoint import load_state_dict_file, load_strict
 from tests.helpers import tiny_backbone
 

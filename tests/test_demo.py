@@ -99,8 +99,10 @@ def one_thread():
 
 
 def test_tokenizer_training_reduces_reconstruction_error(tmp_path, one_thread):
-    from libs.models.vqgan import VQGAN, VQGANConfig, load_tokenizer
-    from demo.tokenizer_training import TokenizerTrainConfig, code_usage, reconstruction_mse, save_tokenizer, train_tokenizer
+    from libs.models.factory import load_tokenizer
+    from libs.models.vqgan import VQGAN, VQGANConfig
+    from configs import demo
+    from demo.tokenizer_training import code_usage, reconstruction_mse, save_tokenizer, train_config, train_tokenizer
     images, _ = demo_data.make_images(12, resolution=16, seed=0)  # [120,16,16,3]
     held_out, _ = demo_data.make_images(3, resolution=16, seed=1)
     torch.manual_seed(0)
@@ -108,9 +110,10 @@ def test_tokenizer_training_reduces_reconstruction_error(tmp_path, one_thread):
                       resolution=16, norm_groups=4)
     model = VQGAN(cfg)
     before = reconstruction_mse(model, held_out)
-    history = train_tokenizer(model, images, TokenizerTrainConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=5,
-                                                                  kmeans_images=32, restart_interval=20,
-                                                                  log_interval=20), progress=False)
+    train_cfg = demo.get_config().tokenizer_train
+    train_cfg.update(dict(steps=40, batch_size=8, lr=3e-3, warmup_steps=5, kmeans_images=32, restart_interval=20,
+                          log_interval=20))
+    history = train_tokenizer(model, images, train_config(train_cfg), progress=False)
     after = reconstruction_mse(model, held_out)
     assert after < 0.6 * before, (before, after)
     assert [row["step"] for row in history] == [20, 40]
@@ -149,10 +152,11 @@ def test_train_tokenizer_entry_is_seeded(tmp_path, one_thread):
 
 def test_committed_demo_weights_load_and_are_small():
     from configs import demo
-    from libs.models.autonat import AutoNAT, backbone_config
+    from libs.models.autonat import AutoNAT
+    from libs.models.factory import backbone_config
     from libs.checkpoint import load_state_dict_file, load_strict
     from libs.data.tokens import file_sha256
-    from libs.models.vqgan import load_tokenizer
+    from libs.models.factory import load_tokenizer
     config = demo.get_config()
     assets = REPO / config.demo.assets
     manifest = json.loads((assets / "manifest.json").read_text())
@@ -239,10 +243,11 @@ def test_demo_smoke_run_writes_every_artifact(tmp_path):
 def test_make_assets_recipe_smoke(tmp_path):
     """`python -m demo.make_assets` at tiny size: tokenizer + backbone weights that load strictly, and a true manifest."""
     from configs import demo_smoke
-    from libs.models.autonat import AutoNAT, backbone_config
+    from libs.models.autonat import AutoNAT
+    from libs.models.factory import backbone_config
     from libs.checkpoint import load_state_dict_file, load_strict
     from libs.data.tokens import file_sha256
-    from libs.models.vqgan import load_tokenizer
+    from libs.models.factory import load_tokenizer
     assets = tmp_path / "assets"
     proc = subprocess.run([sys.executable, "-m", "demo.make_assets", "--config", "configs/demo_smoke.py",
                            "--assets", str(assets), "--work", str(tmp_path / "work"), "--data", str(tmp_path / "data"),

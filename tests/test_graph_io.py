@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from libs.config import load_config_file
 from libs.graphs import recipes as G
 from libs.graphs.files import (load_edge_graph, load_incompatibility, meta_path, sample_tokens, save_edge_graph,
                            save_incompatibility, save_sample_tokens)
@@ -18,6 +19,8 @@ from tests.helpers import OFFICIAL_GRAPHS
 
 REPO = Path(__file__).resolve().parents[1]
 CO, SIM = "codebook_co_occurrence_norm_self_50.pkl", "codebook_replace_graph_norm_self.pkl"
+PAPER = load_config_file("configs/ka_mig_l.py").graph.recipe  # the paper's graph recipe
+SIM_RECIPE = dict(k=PAPER.sim_k, alpha=PAPER.sim_alpha, measure=PAPER.sim_measure)
 
 
 # ----------------------------------------------------------------------------- released graphs
@@ -65,7 +68,7 @@ def test_released_graphs_follow_our_layout_and_edge_count_scaling(name):
 def test_released_co_occurrence_degree_matches_default_ratio():
     index, _, K = load_edge_graph(OFFICIAL_GRAPHS / CO)
     kept = np.bincount(index[0].numpy(), minlength=K) - 1  # without the self-loop
-    assert kept.max() == int((K - 1) * G.DEFAULT_CO_RATIO) == 51  # a token next to all 1023 others
+    assert kept.max() == int((K - 1) * PAPER.co_ratio) == 51  # a token next to all 1023 others
     assert set(np.unique(kept).tolist()) <= {49, 50, 51}  # int(nnz*0.05) for nnz in 980..1023
     assert (K - 1) * 0.0498 < 51 <= (K - 1) * 0.0508  # only ratios in [51/1023, 52/1023) give this
 
@@ -204,7 +207,7 @@ def test_cli_end_to_end_writes_every_file_with_metadata(tmp_path):
     ref_index, ref_weight = G.co_occurrence_graph(G.co_occurrence_counts(sample, 40), 0.2)
     assert n == 40 and np.array_equal(index.numpy(), ref_index) and np.array_equal(weight.numpy(), ref_weight)
     index, weight, _ = load_edge_graph(out / SIM, dtype=None)
-    ref_index, ref_weight = G.similarity_graph(G.position_histograms(sample, 40))
+    ref_index, ref_weight = G.similarity_graph(G.position_histograms(sample, 40), **SIM_RECIPE)
     assert np.array_equal(index.numpy(), ref_index) and np.array_equal(weight.numpy(), ref_weight)
     incompat = load_incompatibility(out / "incompatibility.npz")
     assert np.array_equal(incompat["packed"].numpy(), G.occurrence_bits(maps, labels, 5, 40))
@@ -255,8 +258,8 @@ def test_built_graph_files_plug_into_the_ka_mig_model(tmp_path):
     K, grid, C = 32, 4, 4
     rng = np.random.default_rng(0)
     maps, labels = rng.integers(0, K, size=(200, grid, grid)), rng.integers(0, C, size=200)
-    save_edge_graph(tmp_path / CO, *G.co_occurrence_graph(G.co_occurrence_counts(maps, K)))
-    save_edge_graph(tmp_path / SIM, *G.similarity_graph(G.position_histograms(maps, K)))
+    save_edge_graph(tmp_path / CO, *G.co_occurrence_graph(G.co_occurrence_counts(maps, K), PAPER.co_ratio))
+    save_edge_graph(tmp_path / SIM, *G.similarity_graph(G.position_histograms(maps, K), **SIM_RECIPE))
     save_incompatibility(tmp_path / "g_p.npz", G.occurrence_bits(maps, labels, C, K), {"codebook_size": K})
     graphs = {"co": load_edge_graph(tmp_path / CO), "sim": load_edge_graph(tmp_path / SIM),
               "incompat": load_incompatibility(tmp_path / "g_p.npz", num_classes=C)["packed"]}

@@ -183,7 +183,7 @@ def test_similarity_with_absent_and_constant_tokens_has_no_nan():
     hist[0] = [5, 0, 0, 1]
     hist[1] = [3, 3, 3, 3]  # constant row -> zeros -> uniform, like the absent tokens 3..5
     hist[2] = [0, 9, 0, 0]
-    index, weight = G.similarity_graph(hist, k=2)
+    index, weight = G.similarity_graph(hist, k=2, alpha=5.0, measure="distance")
     assert np.isfinite(weight).all()
     ref_index, ref_weight = ref_similarity(hist, 2, 5.0, "distance")
     assert np.array_equal(index, ref_index)
@@ -285,10 +285,10 @@ def test_bad_input_raises_clear_value_errors():
     with pytest.raises(ValueError, match="null class"):
         G.occurrence_bits(maps, np.array([0, 1, 2, 0]), 2, 5)
     with pytest.raises(ValueError, match="square"):
-        G.co_occurrence_graph(np.zeros((3, 4)))
+        G.co_occurrence_graph(np.zeros((3, 4)), 0.05)
     with pytest.raises(ValueError, match="ratio"):
         G.co_occurrence_graph(np.zeros((3, 3)), ratio=0)
     with pytest.raises(ValueError, match="k must be"):
-        G.similarity_graph(np.ones((3, 4)), k=3)
+        G.similarity_graph(np.ones((3, 4)), k=3, alpha=5.0, measure="distance")
     with pytest.raises(ValueError, match="measure"):
-        G.similarity_graph(np.ones((3, 4)), measure="kl")
+        G.similarity_graph(np.ones((3, 4)), k=2, alpha=5.0, measure="kl")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from libs.checkpoint import MissingAssetError, load_state_dict_file, load_strict
-from libs.models.vqgan import load_tokenizer, tokenizer_config
+from libs.models.factory import load_tokenizer, tokenizer_config
 from configs import tiny
 from tests.helpers import tiny_vqgan
 

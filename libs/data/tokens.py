@@ -23,7 +23,7 @@ from tqdm import tqdm
 from libs.checkpoint import atomic_write, require_file
 from libs.data.images import ImageFileDataset, collate_images, list_image_folder
 from libs.distributed import Distributed
-from libs.models.vqgan import load_tokenizer
+from libs.models.factory import load_tokenizer
 
 FORMAT_VERSION = 1
 TOKENS_FILE, LABELS_FILE, META_FILE = "tokens.npy", "labels.npy", "meta.json"
@@ -181,44 +181,6 @@ def load_tokens(path, codebook_size=None, mmap=True, validate=True):
     if validate:
         validate_tokens(tokens, labels, meta, source=str(path))
     return tokens, labels, meta
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    """Map-style dataset over `load_tokens(path)`: item i -> (ids LongTensor [L], label LongTensor [])."""
-
-    def __init__(self, path, codebook_size=None):
-        self.path = Path(path)
-        self._tokens, self._labels, self.meta = load_tokens(self.path, codebook_size)
-        self.codebook_size = int(self.meta["codebook_size"])
-        self.seq_len = int(self.meta["seq_len"])
-        self.grid = int(self.meta["grid"])
-        self.num_classes = self.meta.get("num_classes")
-        self.num_rows = int(self._tokens.shape[0])
-
-    def __getstate__(self):
-        """Pickles without the arrays (workers reopen the memmap instead of copying it)."""
-        state = dict(self.__dict__)
-        state["_tokens"] = state["_labels"] = None
-        return state
-
-    def arrays(self):
-        """(tokens [N,L], labels [N]), reopened lazily after unpickling."""
-        if self._tokens is None:
-            self._tokens, self._labels, _ = load_tokens(self.path, self.codebook_size, validate=False)
-        return self._tokens, self._labels
-
-    @property
-    def labels(self) -> np.ndarray:
-        """All labels [N] int64."""
-        return self.arrays()[1]
-
-    def __len__(self):
-        return self.num_rows
-
-    def __getitem__(self, i):
-        tokens, labels = self.arrays()
-        ids = torch.from_numpy(np.array(tokens[i], dtype=np.int64))  # [L], a writable copy
-        return ids, torch.tensor(int(labels[i]), dtype=torch.long)
 
 
 def write_token_dataset(out_dir, tokens: np.ndarray, labels: np.ndarray, meta: dict):

@@ -247,7 +247,7 @@ def load_incompatibility(path, num_classes: int = None) -> dict:
 
 # ----------------------------------------------------------------------------- token samples
 
-def sample_tokens(tokens, max_images: int = 50_000, seed: int = 0) -> dict:
+def sample_tokens(tokens, max_images: int, seed: int) -> dict:
     """{image index: list of ids} for a seeded random subset of the rows of tokens [N,L]."""
     if getattr(tokens, "ndim", None) != 2:
         raise ValueError(f"tokens must be [N,L], got shape {getattr(tokens, 'shape', None)}")

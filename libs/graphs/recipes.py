@@ -21,11 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-DEFAULT_CO_RATIO = 0.05   # released G_co: 1023 co-occurring tokens per row -> int(1023*0.05) = 51 kept
-DEFAULT_SIM_K = 2
-DEFAULT_SIM_ALPHA = 5.0
-DEFAULT_MAX_IMAGES = 50_000
-
 # (dy, dx) offsets of one half of each neighbourhood; the other half is the mirror image, whose
 # counts are the transpose, so counting one half and adding the transpose gives ordered pairs.
 HALF_OFFSETS = {
@@ -131,7 +126,7 @@ def add_self_loops_and_scale(src, dst, weight, num_nodes: int, dtype=np.float32)
     return np.stack([src, dst]), weight.astype(dtype)
 
 
-def co_occurrence_graph(counts, ratio: float = DEFAULT_CO_RATIO, dtype=np.float32):
+def co_occurrence_graph(counts, ratio: float, dtype=np.float32):
     """G_co from [K,K] counts: per row the top max(1, int(nnz*ratio)) off-diagonal counts, self-loops, scaling.
 
     Ties in a row are broken by the smaller target id. Rows without co-occurrences keep only the
@@ -223,8 +218,7 @@ def jensen_shannon_matrix(p: np.ndarray, chunk: int = 8, num_threads=None, progr
     return js
 
 
-def similarity_graph(hist, k: int = DEFAULT_SIM_K, alpha: float = DEFAULT_SIM_ALPHA,
-                     measure: str = "distance", chunk: int = 8, dtype=np.float64, num_threads=None,
+def similarity_graph(hist, k: int, alpha: float, measure: str, chunk: int = 8, dtype=np.float64, num_threads=None,
                      progress=None):
     """G_s from position histograms [K,L]: each token -> its k nearest other tokens, weight exp(-alpha*d).
 

@@ -197,10 +197,3 @@ def init_weights(m):
         nn.init.zeros_(m.bias)
     elif isinstance(m, nn.Embedding):
         nn.init.normal_(m.weight, std=0.02)
-
-
-def check_tokenizer_matches(tokenizer_codebook_size: int, grid_size: int, cfg: AutoNATConfig):
-    """Refuses a tokenizer whose codebook or grid differs from the backbone's, before any work."""
-    if tokenizer_codebook_size != cfg.codebook_size or grid_size * grid_size != cfg.seq_len:
-        raise ValueError(f"tokenizer (codebook {tokenizer_codebook_size}, grid {grid_size}x{grid_size}) does not "
-                         f"match the backbone (codebook {cfg.codebook_size}, {cfg.seq_len} tokens)")

@@ -1,17 +1,41 @@
-"""The one place that builds the token models from a config: bare AutoNAT or KA-MIG with its graphs.
+"""The one place that builds models from a config: the VQGAN tokenizer, bare AutoNAT, KA-MIG with its graphs.
 
 Training (`libs.training.trainer`), sampling scripts and periodic evaluation all build through here.
 """
 from libs.checkpoint import load_state_dict_file, load_strict
 from libs.graphs.files import graph_paths, load_edge_graph, load_incompatibility
-from libs.models.autonat import AutoNAT, AutoNATConfig, check_tokenizer_matches
+from libs.models.autonat import AutoNAT, AutoNATConfig
 from libs.models.cpu_kernels import apply_cpu_kernels
 from libs.models.fusion_cache import FusionCache
 from libs.models.ka_mig import KAMIG, GraphConfig
-from libs.models.vqgan import load_tokenizer, tokenizer_config
+from libs.models.vqgan import VQGAN, VQGANConfig
 
 MODEL_KINDS = ("ka_mig", "autonat")
 DEFAULT_CHECKPOINTS = {"ka_mig": "assets/graph_nnet_ema.pth", "autonat": "assets/nnet_ema.pth"}
+
+
+def tokenizer_config(tok_cfg) -> VQGANConfig:
+    """VQGANConfig from a config's `tokenizer` block (extra keys such as `checkpoint` are ignored)."""
+    fields = VQGANConfig.__dataclass_fields__
+    return VQGANConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+                          for k, v in dict(tok_cfg).items() if k in fields})
+
+
+def load_tokenizer(tok_cfg, checkpoint=None, device="cpu") -> VQGAN:
+    """Builds the tokenizer of `tok_cfg` and loads its weights strictly (bare or under 'state_dict')."""
+    path = checkpoint or tok_cfg.checkpoint
+    if not path:
+        raise ValueError("no tokenizer checkpoint given (config.tokenizer.checkpoint is empty)")
+    model = VQGAN(tokenizer_config(tok_cfg))
+    load_strict(model, load_state_dict_file(path), source=str(path))
+    return model.eval().requires_grad_(False).to(device)
+
+
+def check_tokenizer_matches(tokenizer_codebook_size: int, grid_size: int, cfg: AutoNATConfig):
+    """Refuses a tokenizer whose codebook or grid differs from the backbone's, before any work."""
+    if tokenizer_codebook_size != cfg.codebook_size or grid_size * grid_size != cfg.seq_len:
+        raise ValueError(f"tokenizer (codebook {tokenizer_codebook_size}, grid {grid_size}x{grid_size}) does not "
+                         f"match the backbone (codebook {cfg.codebook_size}, {cfg.seq_len} tokens)")
 
 
 def backbone_config(model_cfg) -> AutoNATConfig:

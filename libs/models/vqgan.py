@@ -1,4 +1,4 @@
-"""VQGAN f16 tokenizer (MaskGIT/MAGE flavour, SPEC §1): images in [0,1] <-> token ids."""
+"""VQGAN f16 tokenizer (MaskGIT/MAGE flavour, docs/reference.md#tokenizer): images in [0,1] <-> token ids."""
 from dataclasses import dataclass, asdict
 from typing import Tuple
 
@@ -198,21 +198,3 @@ class VQGAN(nn.Module):
             raise ValueError(f"token ids must lie in [0,{self.codebook_size}); got range "
                              f"[{int(ids.min())},{int(ids.max())}] (a [MASK] id left in the sequence?)")
         return self.decoder(self.quantize.lookup(ids)).clamp(0.0, 1.0)
-
-
-def tokenizer_config(tok_cfg) -> VQGANConfig:
-    """VQGANConfig from a config's `tokenizer` block (extra keys such as `checkpoint` are ignored)."""
-    fields = VQGANConfig.__dataclass_fields__
-    return VQGANConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-                          for k, v in dict(tok_cfg).items() if k in fields})
-
-
-def load_tokenizer(tok_cfg, checkpoint=None, device="cpu") -> VQGAN:
-    """Builds the tokenizer of `tok_cfg` and loads its weights strictly (bare or under 'state_dict')."""
-    from libs.checkpoint import load_state_dict_file, load_strict
-    path = checkpoint or tok_cfg.checkpoint
-    if not path:
-        raise ValueError("no tokenizer checkpoint given (config.tokenizer.checkpoint is empty)")
-    model = VQGAN(tokenizer_config(tok_cfg))
-    load_strict(model, load_state_dict_file(path), source=str(path))
-    return model.eval().requires_grad_(False).to(device)

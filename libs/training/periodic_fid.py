@@ -9,7 +9,7 @@ import torch
 from libs.evaluation.fid_stats import compute_metrics, load_reference_stats
 from libs.evaluation.inception import load_feature_extractor
 from libs.models.factory import for_sampling
-from libs.models.vqgan import load_tokenizer
+from libs.models.factory import load_tokenizer
 from libs.sampling.decoding import schedule_from_config
 from libs.sampling.generation import class_labels, index_generators, sample_images
 from libs.training.trainer import append_csv
