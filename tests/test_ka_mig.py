@@ -230,3 +230,16 @@ def test_fusion_cache_is_never_used_while_training():
     assert model.graph_layer.zero_convs[0].weight.grad is not None
     with pytest.raises(TypeError, match="KAMIG"):
         FusionCache(tiny_backbone())
+
+
+def test_cpu_kernel_switch_keeps_ka_mig_logits():
+    import copy
+    from libs.models.cpu_kernels import OneDNNLinear, apply_cpu_kernels
+    model, _ = tiny_ka_mig()
+    randomise_fusion(model)
+    fast = apply_cpu_kernels(copy.deepcopy(model), "onednn")
+    assert isinstance(fast.mid_block.mlp.fc1, OneDNNLinear)
+    assert type(fast.graph_layer.co_graph_layer.conv1.lin) is torch.nn.Linear  # the GCNs are left alone
+    ids, cls = random_batch(2)
+    with torch.no_grad():
+        torch.testing.assert_close(FusionCache(fast)(ids, cls), FusionCache(model)(ids, cls), atol=1e-5, rtol=0)

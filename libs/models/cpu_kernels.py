@@ -1,7 +1,7 @@
 """Optional CPU inference kernels: every linear layer of a backbone through oneDNN, GELU fused where it follows.
 
-Switched on per model, never process-wide: `use_onednn_linears(model)` swaps the model's `nn.Linear` modules
-for `OneDNNLinear` (same parameters, same state_dict) and is called by the model factory when the sampling
+Switched on per model, never process-wide: `use_onednn_linears(model)` swaps the `nn.Linear` layers of the
+backbone's blocks and head for `OneDNNLinear` (same parameters, same state_dict) and is called by the model factory when the sampling
 scripts get `--cpu-kernels onednn` (their default). A swapped layer takes the oneDNN path only for fp32 CPU
 inference (no grad, no autocast); training, autocast and GPU runs go through `F.linear` as before. Logits
 match the plain model within 1e-5 (tests/test_autonat.py); the speed-up is measured by benchmarks/sampling.py
@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from libs.models.autonat import MlmLayer, Mlp
+from libs.models.autonat import Attention, Block, MlmLayer, Mlp
+
+BACKBONE_LAYERS = (Attention, Mlp, Block, MlmLayer)  # modules whose nn.Linear children are swapped
 
 CPU_KERNELS = ("onednn", "default")  # values of the sampling scripts' --cpu-kernels flag
 
@@ -45,7 +47,8 @@ class OneDNNLinear(nn.Linear):
 
 
 def use_onednn_linears(model: nn.Module) -> nn.Module:
-    """Swaps every nn.Linear of `model` for OneDNNLinear in place, fusing the GELU of MLPs and the head.
+    """Swaps the nn.Linear layers of the backbone's blocks and head for OneDNNLinear in place, fusing the GELU
+    of the MLPs and of the head (the GCNs of KA-MIG keep theirs).
 
     Returns `model`. Raises RuntimeError when this torch build has no oneDNN (use --cpu-kernels default).
     """
@@ -56,7 +59,7 @@ def use_onednn_linears(model: nn.Module) -> nn.Module:
             first = "fc1" if isinstance(module, Mlp) else "fc"
             setattr(module, first, OneDNNLinear(getattr(module, first), gelu=True))  # fc -> GELU in one call
             module.act = nn.Identity()
-    for module in list(model.modules()):
+    for module in [m for m in model.modules() if isinstance(m, BACKBONE_LAYERS)]:
         for name, child in module.named_children():
             if type(child) is nn.Linear:
                 setattr(module, name, OneDNNLinear(child))

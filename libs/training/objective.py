@@ -42,7 +42,7 @@ class MaskedBatch:
 
 def make_masked_batch(ids, class_ids, mask_token_id, null_class_id, p_uncond=0.15, beta=(12, 3),
                       generator=None) -> MaskedBatch:
-    """Masks ids per SPEC §3 and drops labels for classifier-free guidance."""
+    """Masks ids (docs/reference.md#training-objective) and drops labels for classifier-free guidance."""
     ids = ids.long()
     mask = random_mask(ids.shape[0], ids.shape[1], beta, generator, ids.device)
     input_ids = torch.where(mask, torch.full_like(ids, mask_token_id), ids)
