@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from libs.checkpoint import atomic_write
+from libs.atomic_io import atomic_write
 from libs.config import parse_args_with_config
 from libs.models.factory import load_tokenizer_and_model
 from libs.sampling.generation import (add_sampling_flags, class_names_of, index_generators, labelled_grid,

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from libs.checkpoint import atomic_write
+from libs.atomic_io import atomic_write
 from libs.config import parse_args_with_config
 from libs.distributed import Distributed
 from libs.evaluation.fid_stats import compute_metrics, load_reference_stats

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from libs.checkpoint import atomic_write
+from libs.atomic_io import atomic_write
 from libs.config import apply_override, load_config_file, split_overrides
 from libs.data.images import list_image_folder
 from libs.data.tokens import file_sha256

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from libs.checkpoint import atomic_write
+from libs.atomic_io import atomic_write
 
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "plus", "cross", "ellipse", "star", "hexagon")
 MAX_CLASSES = len(SHAPES)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from demo.pipeline import shown_path
-from libs.checkpoint import atomic_torch_save, atomic_write
+from libs.atomic_io import atomic_torch_save, atomic_write
 from libs.config import config_to_dict
 from libs.data.images import list_image_folder, load_image_file
 from libs.models.factory import tokenizer_config

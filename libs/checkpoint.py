@@ -1,9 +1,9 @@
-"""Checkpoint I/O: strict loading with readable errors, atomic writes, asset lookup."""
-import os
-import tempfile
+"""Checkpoint loading: strict state-dict loading with readable errors, and the published assets' names."""
 from pathlib import Path
 
 import torch
+
+from libs.errors import BadInput, MissingInput
 
 README_ASSETS = "README.md, section 'Checkpoints (assets/)'"
 
@@ -16,7 +16,7 @@ ASSETS = {
 }
 
 
-class MissingAssetError(FileNotFoundError):
+class MissingAssetError(MissingInput):
     """A weight file the user must place under assets/."""
 
 
@@ -46,7 +46,7 @@ def load_state_dict_file(path, key=None) -> dict:
             obj = obj[k]
             break
     if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
-        raise ValueError(f"{path}: not a state dict (expected a dict of tensors, bare or under 'state_dict')")
+        raise BadInput(f"{path}: not a state dict (expected a dict of tensors, bare or under 'state_dict')")
     return obj
 
 
@@ -73,33 +73,7 @@ def load_strict(module: torch.nn.Module, state_dict: dict, source: str = "checkp
                 if not (p.startswith("missing ") and p.split()[1].startswith(tuple(allow_missing)))]
     if problems:
         shown = problems[:10] + ([f"... {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise ValueError(f"{source} does not match {type(module).__name__} "
+        raise BadInput(f"{source} does not match {type(module).__name__} "
                          f"({len(problems)} mismatched tensors); first ones:\n  " + "\n  ".join(shown))
     result = module.load_state_dict(state_dict, strict=False)
     return [k for k in result.missing_keys]
-
-
-def atomic_write(path, write_fn):
-    """Calls write_fn(tmp_path) then renames tmp into place, so `path` is never half written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_torch_save(obj, path):
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))

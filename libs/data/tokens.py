@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from libs.checkpoint import atomic_write, require_file
+from libs.atomic_io import atomic_write
+from libs.checkpoint import require_file
 from libs.data.images import ImageFileDataset, collate_images, list_image_folder
 from libs.distributed import Distributed
 from libs.models.factory import load_tokenizer

@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from libs.evaluation import metrics
-from libs.checkpoint import atomic_write
+from libs.atomic_io import atomic_write
 from libs.evaluation.inception import CONVERTED_CACHE, image_batch, load_feature_extractor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import torchvision
 from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
 
-from libs.checkpoint import MissingAssetError, atomic_torch_save, describe_mismatch, require_file
+from libs.atomic_io import atomic_torch_save
+from libs.checkpoint import MissingAssetError, describe_mismatch, require_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PT_INCEPTION_WEIGHTS = REPO_ROOT / "assets" / "pt_inception-2015-12-05-6726825d.pth"

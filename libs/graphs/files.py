@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from libs.checkpoint import atomic_write
+from libs.atomic_io import atomic_write
 from libs.graphs.recipes import dense_to_occurrence, sample_image_indices, unpack_occurrence
 
 BUILD_HINT = "it is built by `python -m graph_construction.build_graphs --tokens <dataset> --out graph_prior/`"

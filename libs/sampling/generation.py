@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from libs.checkpoint import atomic_write
+from libs.atomic_io import atomic_write
 from libs.models.cpu_kernels import CPU_KERNELS
 from libs.models.factory import DEFAULT_CHECKPOINTS, MODEL_KINDS
 from libs.sampling.decoding import generate, schedule_from_config

@@ -13,7 +13,8 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from libs.checkpoint import atomic_torch_save, atomic_write, load_state_dict_file, load_strict
+from libs.atomic_io import atomic_torch_save, atomic_write
+from libs.checkpoint import load_state_dict_file, load_strict
 from libs.config import config_to_dict
 from libs.models.factory import build_model
 from libs.training.objective import make_masked_batch, masked_token_loss
