@@ -18,18 +18,27 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from configs import autonat_t8_strategy
+from libs.graphs.files import load_edge_graph
+from libs.models.autonat import AutoNAT
+from libs.models.cpu_kernels import apply_cpu_kernels
+from libs.models.fusion_cache import FusionCache
+from libs.models.ka_mig import KAMIG
+from libs.sampling.decoding import generate, schedule_from_config
+from libs.training.objective import make_masked_batch, masked_token_loss
+from libs.training.trainer import freeze_for_mode
+from tests.helpers import reference_forward
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def build(kind, device, seed=0):
-    import torch
-    from libs.models.autonat import AutoNAT
-    from libs.models.ka_mig import KAMIG
     torch.manual_seed(seed)
     backbone = AutoNAT()
     if kind == "autonat":
         return backbone.eval().to(device)
-    from libs.graphs.files import load_edge_graph
     graphs_dir = REPO / "tests" / "compat" / "official_graph_prior"
     g = torch.Generator().manual_seed(1)
     graphs = dict(co=load_edge_graph(graphs_dir / "codebook_co_occurrence_norm_self_50.pkl"),
@@ -55,7 +64,6 @@ def matmul_flops(cfg, rows: int, steps: int) -> float:
 
 def sgemm_rate(rows: int, cfg, repeats=20) -> float:
     """Best FLOP/s of this machine's fp32 GEMM (F.linear, MKL) at the shape of the backbone's MLP (fc1)."""
-    import torch
     x = torch.randn(rows * (cfg.seq_len + 1), cfg.embed_dim)
     w = torch.randn(int(cfg.embed_dim * cfg.mlp_ratio), cfg.embed_dim)
     best = float("inf")
@@ -71,11 +79,6 @@ def sgemm_rate(rows: int, cfg, repeats=20) -> float:
 
 def time_sampling(args):
     """Seconds per sampling batch of each model and repeat, runs interleaved in one process."""
-    import torch
-    from configs import autonat_t8_strategy
-    from libs.models.cpu_kernels import apply_cpu_kernels
-    from libs.models.fusion_cache import FusionCache
-    from libs.sampling.decoding import generate, schedule_from_config
     device = torch.device(args.device)
     kernels = "onednn" if device.type == "cpu" else "default"  # the sampling scripts' default
     bare = build("autonat", device)
@@ -146,10 +149,6 @@ def time_sampling(args):
 
 def train_step_cost(mode, args):
     """Seconds per step and peak RSS of one process doing `mode` steps (AutoNAT-L sizes, small batch)."""
-    import torch
-    from libs.training.objective import make_masked_batch, masked_token_loss
-    from libs.training.trainer import freeze_for_mode
-    from tests.helpers import reference_forward
     model = build("autonat" if mode == "pretrain" else "ka_mig", "cpu").train()
     forward = model
     if mode == "ka_mig_per_token":  # the paper's arithmetic: both positive convs on every token (the test oracle)
@@ -177,7 +176,6 @@ def train_step_cost(mode, args):
 
 def child(args):
     """Runs one measurement in this process and prints its result line."""
-    import torch
     torch.set_num_threads(args.threads)
     if args.measure == "sample":
         print("RESULT", json.dumps(time_sampling(args)))
