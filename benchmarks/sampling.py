@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 from configs import autonat_t8_strategy
-from libs.graphs.files import load_edge_graph
-from libs.models.autonat import AutoNAT
+from libs.checkpoint import load_strict
+from libs.config import load_config_file
+from libs.graphs.files import graph_paths, load_edge_graph
+from libs.models.factory import build_model
 from libs.models.cpu_kernels import apply_cpu_kernels
 from libs.models.fusion_cache import FusionCache
-from libs.models.ka_mig import KAMIG
 from libs.sampling.decoding import generate, schedule_from_config
 from libs.training.objective import make_masked_batch, masked_token_loss
 from libs.training.trainer import freeze_for_mode
@@ -35,17 +36,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build(kind, device, seed=0):
+    """AutoNAT-L ('autonat') or KA-MIG on the same random backbone ('ka_mig'), from configs/ka_mig_l.py."""
+    config = load_config_file("configs/ka_mig_l.py")
     torch.manual_seed(seed)
-    backbone = AutoNAT()
+    backbone = build_model(config, "autonat")
     if kind == "autonat":
         return backbone.eval().to(device)
-    graphs_dir = REPO / "tests" / "compat" / "official_graph_prior"
+    released = graph_paths(REPO / "tests" / "compat" / "official_graph_prior")  # the released G_co / G_s
     g = torch.Generator().manual_seed(1)
-    graphs = dict(co=load_edge_graph(graphs_dir / "codebook_co_occurrence_norm_self_50.pkl"),
-                  sim=load_edge_graph(graphs_dir / "codebook_replace_graph_norm_self.pkl"),
+    graphs = dict(co=load_edge_graph(released["co"]), sim=load_edge_graph(released["sim"]),
                   incompat=torch.randint(0, 256, (1000, 256, 128), generator=g, dtype=torch.uint8))
-    model = KAMIG(backbone.cfg, graphs=graphs)
-    model.load_state_dict(backbone.state_dict(), strict=False)
+    model = build_model(config, "ka_mig", graphs)
+    load_strict(model, backbone.state_dict(), allow_missing=("graph_layer.",))
     with torch.no_grad():
         for p in model.graph_layer.parameters():
             p.normal_(0, 0.02, generator=g)

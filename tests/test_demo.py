@@ -128,11 +128,7 @@ def test_tokenizer_training_reduces_reconstruction_error(tmp_path, one_thread):
 
 
 def test_train_tokenizer_entry_is_seeded(tmp_path, one_thread):
-    sys.path.insert(0, str(REPO / "demo"))
-    try:
-        import train_tokenizer
-    finally:
-        sys.path.remove(str(REPO / "demo"))
+    from demo import train_tokenizer
     demo_data.write_demo_splits(tmp_path / "d", ["train", "val"], num_classes=10, resolution=32, seed=0,
                                 per_class={"train": 2, "val": 1})
     args = ["--data", str(tmp_path / "d" / "train"), "--val", str(tmp_path / "d" / "val"),
@@ -152,11 +148,10 @@ def test_train_tokenizer_entry_is_seeded(tmp_path, one_thread):
 
 def test_committed_demo_weights_load_and_are_small():
     from configs import demo
-    from libs.models.autonat import AutoNAT
-    from libs.models.factory import backbone_config
     from libs.checkpoint import load_state_dict_file, load_strict
     from libs.data.tokens import file_sha256
-    from libs.models.factory import load_tokenizer
+    from libs.models.autonat import AutoNAT
+    from libs.models.factory import backbone_config, load_tokenizer
     config = demo.get_config()
     assets = REPO / config.demo.assets
     manifest = json.loads((assets / "manifest.json").read_text())
@@ -172,11 +167,7 @@ def test_committed_demo_weights_load_and_are_small():
 
 
 def test_run_demo_names_missing_weights(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "demo"))
-    try:
-        import run_demo
-    finally:
-        sys.path.remove(str(REPO / "demo"))
+    from demo import run_demo
     with pytest.raises(SystemExit) as e:
         run_demo.main(["--smoke", "--assets", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
     assert "demo weights not found" in str(e.value) and "make demo-assets" in str(e.value)

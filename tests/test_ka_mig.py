@@ -243,3 +243,16 @@ def test_cpu_kernel_switch_keeps_ka_mig_logits():
     ids, cls = random_batch(2)
     with torch.no_grad():
         torch.testing.assert_close(FusionCache(fast)(ids, cls), FusionCache(model)(ids, cls), atol=1e-5, rtol=0)
+
+
+def test_fusion_cache_refuses_new_graphs_until_refreshed():
+    model, _ = tiny_ka_mig()
+    randomise_fusion(model)
+    ids, cls = random_batch(3)
+    cache = FusionCache(model)
+    model.set_graphs(**tiny_graphs(seed=5))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="refresh"):
+        cache(ids, cls)
+    cache.refresh()
+    with torch.no_grad():
+        torch.testing.assert_close(cache(ids, cls), model(ids, cls), atol=1e-5, rtol=0)

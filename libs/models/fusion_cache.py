@@ -3,8 +3,10 @@
 `FusionCache(model)` snapshots what depends only on the weights and the graphs: the fusion tables
 ([P,K+1,dim], `KAMIG.fusion_tables`). Per batch it computes the G_p terms of the batch's distinct classes once
 and reuses them while the class ids stay the same (all steps of one decoding run). The rule: a cache describes
-the weights it was built from; after changing them, call `refresh()` (or build a new cache). It refuses to run
-while the model trains or gradients are on, where `model(...)` is the exact differentiable path.
+the weights it was built from; after changing them in place, call `refresh()` (or build a new cache). Replacing
+the graphs (`set_graphs`) or moving the model to another device or dtype is detected and refused until
+`refresh()`. It refuses to run while the model trains or gradients are on, where `model(...)` is the exact
+differentiable path.
 """
 import torch
 
@@ -39,6 +41,13 @@ class FusionCache:
         """Recomputes the fusion tables from the model's current weights; forgets the class terms."""
         self.tables = self.model.fusion_tables()  # [P,K+1,dim] or None
         self.class_key, self.class_terms = None, None
+        self.built_for = self.model_state()
+
+    def model_state(self) -> tuple:
+        """What a refresh() depends on besides in-place weight values: graph buffers, device, dtype."""
+        weight = self.model.token_emb.word_embeddings.weight
+        graphs = tuple(buf.data_ptr() for name, buf in self.model.named_buffers() if not name.startswith("token_emb"))
+        return weight.device, weight.dtype, graphs
 
     @torch.no_grad()
     def terms_for(self, class_ids):
@@ -57,6 +66,9 @@ class FusionCache:
         if model.training or torch.is_grad_enabled():
             raise RuntimeError("FusionCache is for inference (eval mode, torch.no_grad()); "
                                "call the model itself to train")
+        if self.model_state() != self.built_for:
+            raise RuntimeError("the model's graphs, device or dtype changed since this FusionCache was built; "
+                               "call refresh()")
         class_ids = class_ids.view(-1)
         negative = None
         if model.graph_cfg.use_incompat:
