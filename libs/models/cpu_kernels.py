@@ -1,4 +1,4 @@
-"""Optional CPU inference kernels: every linear layer of a backbone through oneDNN, GELU fused where it follows.
+"""Optional CPU inference kernels: the backbone's linear layers through oneDNN, GELU fused where it follows.
 
 Switched on per model, never process-wide: `use_onednn_linears(model)` swaps the `nn.Linear` layers of the
 backbone's blocks and head for `OneDNNLinear` (same parameters, same state_dict) and is called by the model factory when the sampling

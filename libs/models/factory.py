@@ -76,7 +76,8 @@ def load_model(config, kind: str = "ka_mig", checkpoint=None, device="cpu", grap
                cpu_kernels: str = "default"):
     """A model of `kind` with `checkpoint` (default DEFAULT_CHECKPOINTS[kind]) loaded strictly, frozen, eval mode.
 
-    `cpu_kernels`: 'onednn' runs fp32 CPU inference linears through oneDNN (libs.models.cpu_kernels).
+    `cpu_kernels`: 'onednn' runs fp32 CPU inference linears through oneDNN (libs.models.cpu_kernels); the
+    library default is the plain model, the sampling scripts' flag defaults to 'onednn'.
     Raises MissingAssetError (checkpoint absent), ValueError (another architecture; names the tensors).
     """
     checkpoint = checkpoint or DEFAULT_CHECKPOINTS[kind]

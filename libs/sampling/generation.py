@@ -8,11 +8,15 @@ import torch
 from PIL import Image, ImageDraw
 
 from libs.atomic_io import atomic_write
+from libs.errors import BadInput
 from libs.models.cpu_kernels import CPU_KERNELS
 from libs.models.factory import DEFAULT_CHECKPOINTS, MODEL_KINDS
 from libs.sampling.decoding import generate, schedule_from_config
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# How decoded images in [0,1] become uint8 pixels (config.sample.pixels): "truncate" is (x * 255).to(uint8), as
+# the paper's sampling scripts (and so its FID) do; "round" rounds to the nearest level.
+PIXELS = ("truncate", "round")
 
 
 def pick_device(name=None) -> torch.device:
@@ -28,7 +32,7 @@ def class_labels(num: int, num_classes: int, mode="balanced", seed=0) -> np.ndar
         return np.arange(num) % num_classes
     if mode == "random":
         return np.random.default_rng(seed).integers(0, num_classes, num)
-    raise ValueError(f"unknown label mode '{mode}' (balanced or random)")
+    raise BadInput(f"unknown label mode '{mode}' (balanced or random)")
 
 
 def index_generators(indices, seed, device) -> list:
@@ -36,16 +40,32 @@ def index_generators(indices, seed, device) -> list:
     return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(i)) for i in indices]
 
 
+def check_pixels(pixels: str) -> str:
+    """`pixels` if it is a known quantisation mode, else BadInput naming the config key."""
+    if pixels not in PIXELS:
+        raise BadInput(f"unknown pixel quantisation config.sample.pixels='{pixels}' (one of {', '.join(PIXELS)})")
+    return pixels
+
+
+def to_uint8(images: torch.Tensor, pixels: str = "truncate") -> torch.Tensor:
+    """float images [B,3,H,W] in [0,1] -> uint8 [B,3,H,W]: truncated ((x*255).to(uint8)) or rounded."""
+    x = images.float() * 255
+    if check_pixels(pixels) == "round":
+        x = x.round()
+    return x.clamp(0, 255).to(torch.uint8)  # the cast truncates towards zero
+
+
 @torch.no_grad()
-def sample_images(model, tokenizer, class_ids, schedule, generators, precision="fp32") -> np.ndarray:
-    """Class ids [B] -> uint8 images [B,H,W,3] (decoded tokens, quantised as they are saved)."""
+def sample_images(model, tokenizer, class_ids, schedule, generators, precision="fp32",
+                  pixels="truncate") -> np.ndarray:
+    """Class ids [B] -> uint8 images [B,H,W,3] (decoded tokens, quantised by `pixels` as they are saved)."""
     device = class_ids.device
     dtype = PRECISIONS[precision]
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         ids = generate(model, class_ids, schedule, seq_len=model.cfg.seq_len, mask_token_id=model.mask_token_id,
                        null_class_id=model.null_class_id, generator=generators)
     images = tokenizer.decode(ids).float()  # [B,3,H,W] in [0,1]
-    return (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8(images, pixels).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_png(path, image: np.ndarray):
@@ -90,7 +110,12 @@ def labelled_grid(images: np.ndarray, labels, names=None, columns=None) -> Image
 
 
 def schedule_from_flags(config, schedule=None, steps=None, cfg_scale=None, temp=None):
-    """The config's sampling schedule, with optional --schedule/--steps/--cfg/--temp overrides."""
+    """The config's sampling schedule, with optional --schedule/--steps/--cfg/--temp overrides.
+
+    Bad values (steps < 1, a schedule of inconsistent lengths, an unknown schedule) raise BadInput.
+    """
+    if steps is not None and steps < 1:
+        raise BadInput(f"--steps must be at least 1, got {steps}")
     sample = config.sample
     with sample.unlocked():
         if schedule:
@@ -101,7 +126,14 @@ def schedule_from_flags(config, schedule=None, steps=None, cfg_scale=None, temp=
             sample.cfg_scale = cfg_scale
         if temp is not None:
             sample.temp = temp
-    return schedule_from_config(sample)
+    if sample.schedule not in ("autonat", "maskgit"):
+        raise BadInput(f"unknown schedule config.sample.schedule='{sample.schedule}' (autonat or maskgit)")
+    if sample.schedule == "maskgit" and sample.steps < 1:
+        raise BadInput(f"config.sample.steps must be at least 1, got {sample.steps}")
+    try:
+        return schedule_from_config(sample)
+    except ValueError as e:  # lengths of the schedule lists do not fit together
+        raise BadInput(f"config.sample: {e}") from e
 
 
 def add_sampling_flags(parser):
@@ -118,11 +150,14 @@ def add_sampling_flags(parser):
     parser.add_argument("--temp", type=float, default=None, help="maskgit schedule: confidence temperature")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start fresh: delete the samples and fingerprint.json an earlier run left in the output "
+                             "folder (otherwise a run whose settings differ from that fingerprint is refused)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="autocast dtype of the token model (the tokenizer decodes in fp32)")
     parser.add_argument("--cpu-kernels", choices=CPU_KERNELS, default="onednn",
-                        help="fp32 CPU inference: 'onednn' runs every linear through oneDNN with GELU fused "
+                        help="fp32 CPU inference: 'onednn' runs the backbone's linears through oneDNN with GELU fused "
                              "(logits equal within 1e-5, faster on CPU); 'default' uses F.linear. No effect on GPU")
 
 
