@@ -98,7 +98,8 @@ def main(argv=None):
     co_counts = measure(f"G_co counts, {n} maps", lambda: G.co_occurrence_counts(sample, K, **kw), rows)
     co = measure("G_co top-k + scaling", lambda: G.co_occurrence_graph(co_counts, RECIPE.co_ratio), rows)
     hist = measure(f"G_s histograms, {n} maps", lambda: G.position_histograms(sample, K, **kw), rows)
-    sim = measure("G_s Jensen-Shannon + k-NN", lambda: G.similarity_graph(hist, RECIPE.sim_k, RECIPE.sim_alpha, RECIPE.sim_measure), rows)
+    sim = measure("G_s Jensen-Shannon + k-NN", lambda: G.similarity_graph(
+        hist, RECIPE.sim_k, RECIPE.sim_alpha, RECIPE.sim_measure, frobenius_norm=RECIPE.sim_frobenius_norm), rows)
     packed = measure(f"G_p occurrence bits, {N} maps", lambda: G.occurrence_bits(maps, labels, C, K, **kw), rows)
     if not args.skip_full_co:
         full = measure(f"G_co counts, all {N} maps", lambda: G.co_occurrence_counts(maps, K, **kw), rows)

@@ -26,7 +26,8 @@ def get_config():
     r.co_ratio = 0.05            # G_co: keep max(1, int(nnz_row * ratio)) neighbours (51 of 1023 = released file)
     r.sim_k = 2                  # G_s: neighbours per token
     r.sim_alpha = 5.0            # G_s: edge weight exp(-alpha * JS)
-    r.sim_measure = "distance"   # G_s: Jensen-Shannon 'distance' (matches the released file) or 'divergence'
+    r.sim_measure = "divergence"  # G_s: Jensen-Shannon 'divergence' (the released file) or 'distance' (its sqrt)
+    r.sim_frobenius_norm = False  # G_s: divide the min-max normalised histograms by their norm (off: released file)
 
     t = config.train
     t.mode = "ka_mig"

@@ -20,7 +20,8 @@ from tests.helpers import OFFICIAL_GRAPHS
 REPO = Path(__file__).resolve().parents[1]
 CO, SIM = "codebook_co_occurrence_norm_self_50.pkl", "codebook_replace_graph_norm_self.pkl"
 PAPER = load_config_file("configs/ka_mig_l.py").graph.recipe  # the paper's graph recipe
-SIM_RECIPE = dict(k=PAPER.sim_k, alpha=PAPER.sim_alpha, measure=PAPER.sim_measure)
+SIM_RECIPE = dict(k=PAPER.sim_k, alpha=PAPER.sim_alpha, measure=PAPER.sim_measure,
+                  frobenius_norm=PAPER.sim_frobenius_norm)
 
 
 # ----------------------------------------------------------------------------- released graphs
@@ -73,12 +74,17 @@ def test_released_co_occurrence_degree_matches_default_ratio():
     assert (K - 1) * 0.0498 < 51 <= (K - 1) * 0.0508  # only ratios in [51/1023, 52/1023) give this
 
 
-def test_released_similarity_weights_need_the_distance_not_the_divergence():
+def test_released_similarity_weights_rule_out_the_norm_step_with_the_divergence():
+    """The default recipe is the divergence without the norm step; with the norm step it could not give the file."""
+    assert (PAPER.sim_measure, PAPER.sim_frobenius_norm) == ("divergence", False)
     index, weight, K = load_edge_graph(OFFICIAL_GRAPHS / SIM, dtype=None)
     own = index[0] != index[1]
-    d = -torch.log(weight[own] * 3) / 5.0  # c = 3 for every node: weight = exp(-5 d) / 3
-    # softmax of entries <= 1/sqrt(#non-constant rows) keeps every divergence under 1/(8*1024)
-    assert float(d.max()) > 1 / (8 * 1024) >= float(d.max()) ** 2
+    js = -torch.log(weight[own] * 3) / PAPER.sim_alpha  # c = 3 for every node: weight = exp(-5 JS) / 3
+    assert float(js.min()) > 0 and abs(float(js.max()) - 0.00556) < 1e-5
+    # after a division by the Frobenius norm (1024 non-constant rows of max 1) every entry lies in
+    # [0, 1/32] before the softmax, so the log-ratios of two distributions span at most 2/32 and the
+    # divergence, about Var(log p/q)/8, stays near 1/(8*1024) = 0.00012; the released ones reach 0.0056
+    assert float(js.max()) > 40 / (8 * 1024)
 
 
 # ----------------------------------------------------------------------------- edge graph I/O errors
@@ -218,6 +224,9 @@ def test_cli_end_to_end_writes_every_file_with_metadata(tmp_path):
         assert meta["source_dataset"] == str((tmp_path / "ds").resolve()) and meta["num_maps_total"] == 120
         assert meta["num_maps_used"] == (120 if graph == "incompatibility" else 50)
     assert json.loads(meta_path(out / CO).read_text())["recipe"]["ratio"] == 0.2
+    sim_recipe = json.loads(meta_path(out / SIM).read_text())["recipe"]
+    assert sim_recipe["frobenius_norm"] is False and "divergence" in sim_recipe["measure"]
+    assert "Frobenius" not in sim_recipe["normalisation"]
     with open(out / "train_img_50_token.pkl", "rb") as f:
         assert pickle.load(f) == sample_tokens(tokens, 50, 3)
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
@@ -236,6 +245,28 @@ def test_cli_one_graph_and_bad_flags(tmp_path, capsys):
     with pytest.raises(ValueError, match="num_classes|labels|classes"):
         cli.main(["--tokens", str(tmp_path / "ds"), "--out", str(tmp_path / "o2"), "--graphs", "incompat",
                   "--num-classes", "1"])
+
+
+def test_cli_recipe_flags_select_the_similarity_variants(tmp_path):
+    pytest.importorskip("libs.data.tokens")
+    cli = load_cli()
+    tokens, _ = write_token_dir(tmp_path / "ds", N=60, grid=4, K=20, C=2)
+    hist = G.position_histograms(tokens.reshape(-1, 4, 4), 20)
+    variants = {"default": ([], "divergence", False), "norm": (["--sim-frobenius-norm"], "divergence", True),
+                "distance": (["--sim-measure", "distance"], "distance", False),
+                "both": (["--sim-measure", "distance", "--config.graph.recipe.sim_frobenius_norm=true"],
+                         "distance", True),
+                "flag_wins": (["--config.graph.recipe.sim_frobenius_norm=true", "--no-sim-frobenius-norm"],
+                              "divergence", False)}
+    for name, (flags, measure, frobenius_norm) in variants.items():
+        cli.main(["--tokens", str(tmp_path / "ds"), "--out", str(tmp_path / name), "--graphs", "sim"] + flags)
+        index, weight, _ = load_edge_graph(tmp_path / name / SIM, dtype=None)
+        ref_index, ref_weight = G.similarity_graph(hist, PAPER.sim_k, PAPER.sim_alpha, measure,
+                                                   frobenius_norm=frobenius_norm)
+        assert np.array_equal(index.numpy(), ref_index) and np.array_equal(weight.numpy(), ref_weight), name
+        assert json.loads(meta_path(tmp_path / name / SIM).read_text())["recipe"]["frobenius_norm"] is frobenius_norm
+    args = cli.parse_args(["--tokens", "t"])
+    assert (args.sim_measure, args.sim_frobenius_norm) == ("divergence", False)
 
 
 def test_cli_reads_the_paper_token_format(tmp_path):

@@ -39,15 +39,16 @@ def ref_scale(edges, K):
 
 
 def ref_co_graph(counts, ratio):
-    """Row by row: sort the non-zero off-diagonal counts (count desc, id asc), keep the first k."""
+    """Row by row: torch.topk (CPU) of the row's non-zero off-diagonal counts as a float32 vector in id order."""
     K = counts.shape[0]
     edges = []
     for i in range(K):
-        cands = [(-int(counts[i, j]), j) for j in range(K) if j != i and counts[i, j] > 0]
-        if not cands:
+        ids = [j for j in range(K) if j != i and counts[i, j] > 0]
+        if not ids:
             continue
-        k = max(1, int(len(cands) * ratio))
-        kept = sorted(j for _, j in sorted(cands)[:k])
+        k = max(1, int(len(ids) * ratio))
+        v = torch.tensor([float(counts[i, j]) for j in ids], dtype=torch.float32)  # 1-D, one row at a time
+        kept = sorted(ids[p] for p in torch.topk(v, k).indices.tolist())
         edges += [(i, j, float(counts[i, j])) for j in kept]
     return ref_scale(edges, K)
 
@@ -69,14 +70,20 @@ def ref_js(p, q, measure):
     return math.sqrt(js) if measure == "distance" else js
 
 
-def ref_similarity(hist, k, alpha, measure):
+def ref_similarity(hist, k, alpha, measure="divergence", frobenius_norm=False, ties=None):
+    """The released recipe by default: min-max rows, (no norm step), softmax, JS divergence, k nearest.
+
+    `ties` (a list) receives the rows whose k-th and (k+1)-th smallest values agree to 1e-12 relative:
+    there the neighbour depends on float rounding (e.g. two tokens whose histograms are permutations of
+    each other against a third), so only the weights can be compared.
+    """
     K, L = hist.shape
     rows = []
     for r in hist.astype(float).tolist():
         lo, hi = min(r), max(r)
         rows.append([(v - lo) / (hi - lo) if hi > lo else 0.0 for v in r])
     frob = math.sqrt(sum(v * v for r in rows for v in r))
-    if frob > 0:
+    if frobenius_norm and frob > 0:
         rows = [[v / frob for v in r] for r in rows]
     dists = []
     for r in rows:
@@ -84,9 +91,24 @@ def ref_similarity(hist, k, alpha, measure):
         dists.append([v / sum(e) for v in e])
     edges = []
     for i in range(K):
-        d = sorted((ref_js(dists[i], dists[j], measure), j) for j in range(K) if j != i)[:k]
-        edges += sorted((i, j, math.exp(-alpha * v)) for v, j in d)
+        d = sorted((ref_js(dists[i], dists[j], measure), j) for j in range(K) if j != i)
+        if ties is not None and k < len(d) and math.isclose(d[k - 1][0], d[k][0], rel_tol=1e-12, abs_tol=1e-300):
+            ties.append(i)
+        edges += sorted((i, j, math.exp(-alpha * v)) for v, j in d[:k])
     return ref_scale(edges, K)
+
+
+def assert_similarity_equal(index, weight, ref_index, ref_weight, ties, k):
+    """Same edges except in the rows of `ties` (mathematically tied cut-off); same weights everywhere."""
+    K = index.shape[1] // (k + 1)
+    own = np.ones(index.shape[1], dtype=bool)
+    own[-K:] = False
+    exact = ~np.isin(index[0], ties) | ~own
+    assert np.array_equal(index[:, exact], ref_index[:, exact])
+    np.testing.assert_allclose(weight[exact], ref_weight[exact], rtol=1e-9)
+    for i in ties:  # tied rows: the kept weights are equal up to rounding whichever tied token is kept
+        rows = own & (index[0] == i)
+        np.testing.assert_allclose(np.sort(weight[rows]), np.sort(ref_weight[rows]), rtol=1e-9)
 
 
 def ref_dense_incompatibility(maps, labels, C, K):
@@ -148,13 +170,40 @@ def test_co_occurrence_graph_equals_loops(case, ratio):
     np.testing.assert_allclose(weight, ref_weight, rtol=1e-6)
 
 
-def test_co_occurrence_ties_go_to_the_smaller_id():
-    counts = np.array([[0, 5, 5, 5], [5, 0, 1, 1], [5, 1, 0, 0], [5, 1, 0, 0]])
-    index, weight = G.co_occurrence_graph(counts, ratio=0.5)  # row 0: 3 candidates -> keep 1
+def test_co_occurrence_ties_follow_torch_topk_not_the_smaller_id():
+    counts = np.array([[0, 5, 0, 5, 5, 5],  # candidates 1, 3, 4, 5 all tie at 5; k = int(4 * 0.3) = 1
+                       [5, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 0], [5, 1, 0, 0, 0, 0], [5, 0, 0, 0, 0, 0],
+                       [5, 0, 0, 0, 0, 0]])
+    index, weight = G.co_occurrence_graph(counts, ratio=0.3)
     src, dst = index
-    assert dst[src == 0].tolist() == [1, 0]  # node 1 of the tied 1, 2, 3, then the self-loop
-    assert dst[src == 1].tolist() == [0, 1]
-    assert dst[src == 2].tolist() == [0, 2]  # one candidate: max(1, int(0.5)) = 1
+    # torch.topk([5, 5, 5, 5], 1) on CPU returns position 2 (torch 2.14): id 4, not the smaller id 1
+    picked = int(torch.topk(torch.tensor([5.0, 5, 5, 5]), 1).indices)
+    assert dst[src == 0].tolist() == [[1, 3, 4, 5][picked], 0] == [4, 0]
+    assert dst[src == 1].tolist() == [0, 1]  # no tie: the largest count wins
+    assert dst[src == 2].tolist() == [1, 2]  # one candidate: max(1, int(0.3)) = 1
+    ref_index, ref_weight = ref_co_graph(counts, 0.3)
+    assert np.array_equal(index, ref_index)
+    np.testing.assert_allclose(weight, ref_weight, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 7, 1 << 22])
+@pytest.mark.parametrize("K,levels,seed", [(40, 3, 0), (130, 4, 1), (300, 2, 2)])
+def test_co_occurrence_topk_selection_vectorised_equals_row_by_row(K, levels, seed, chunk_elements):
+    """Tie-heavy counts with zeros: grouped, chunked topk calls keep the same entries as one call per row."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, levels, size=(K, K)) * rng.integers(1, 3, size=(K, K))  # many ties, many zeros
+    counts[3] = 0  # a row without co-occurrences
+    np.fill_diagonal(counts, 0)
+    nnz = (counts > 0).sum(1)
+    k_row = np.where(nnz > 0, np.maximum(1, (nnz * 0.05).astype(np.int64)), 0)
+    keep = G.top_counts_mask(counts, k_row, chunk_elements=chunk_elements)
+    for i in range(K):
+        ids = np.nonzero(counts[i])[0]
+        if len(ids) == 0:
+            assert not keep[i].any()
+            continue
+        picked = torch.topk(torch.from_numpy(counts[i, ids].astype(np.float32)), int(k_row[i])).indices.numpy()
+        assert np.array_equal(np.nonzero(keep[i])[0], np.sort(ids[picked])), i
 
 
 # ----------------------------------------------------------------------------- G_s
@@ -166,16 +215,37 @@ def test_position_histograms_equal_loops(case):
     assert np.array_equal(G.position_histograms(maps, case[3], chunk=2), ref_histograms(maps, case[3]))
 
 
-@pytest.mark.parametrize("measure", ["distance", "divergence"])
+@pytest.mark.parametrize("measure,frobenius_norm", [("divergence", False), ("distance", False),
+                                                    ("divergence", True), ("distance", True)])
 @pytest.mark.parametrize("case", CASES)
-def test_similarity_graph_equals_loops(case, measure):
+def test_similarity_graph_equals_loops(case, measure, frobenius_norm):
     maps = random_maps(*case)
     hist = ref_histograms(maps, case[3])
     for k, alpha in ((2, 5.0), (3, 50.0)):
-        index, weight = G.similarity_graph(hist, k, alpha, measure, chunk=4)
-        ref_index, ref_weight = ref_similarity(hist, k, alpha, measure)
-        assert np.array_equal(index, ref_index)
-        np.testing.assert_allclose(weight, ref_weight, rtol=1e-9)
+        index, weight = G.similarity_graph(hist, k, alpha, measure, frobenius_norm=frobenius_norm, chunk=4)
+        ties = []
+        ref_index, ref_weight = ref_similarity(hist, k, alpha, measure, frobenius_norm, ties)
+        assert_similarity_equal(index, weight, ref_index, ref_weight, ties, k)
+
+
+def test_similarity_default_is_the_divergence_without_the_norm_step():
+    """The defaults (function and config) are the released recipe; the norm step changes the graph."""
+    from libs.config import load_config_file
+    recipe = load_config_file("configs/ka_mig_l.py").graph.recipe
+    assert recipe.sim_measure == "divergence" and recipe.sim_frobenius_norm is False
+    maps = random_maps(30, 4, 4, 10, 5)
+    hist = ref_histograms(maps, 10)
+    index, weight = G.similarity_graph(hist, 2, 5.0)
+    ref_index, ref_weight = ref_similarity(hist, 2, 5.0, "divergence", frobenius_norm=False)
+    assert np.array_equal(index, ref_index)
+    np.testing.assert_allclose(weight, ref_weight, rtol=1e-9)
+    _, normed = G.similarity_graph(hist, 2, 5.0, frobenius_norm=True)
+    _, distance = G.similarity_graph(hist, 2, 5.0, "distance")
+    own = index[0] != index[1]
+    assert np.all(normed[own] > weight[own]) and np.all(distance[own] < weight[own])
+    p = G.position_distributions(hist)
+    np.testing.assert_allclose(p[0], np.exp((hist[0] - hist[0].min()) / np.ptp(hist[0]))
+                               / np.exp((hist[0] - hist[0].min()) / np.ptp(hist[0])).sum(), rtol=1e-12)
 
 
 def test_similarity_with_absent_and_constant_tokens_has_no_nan():
@@ -183,13 +253,14 @@ def test_similarity_with_absent_and_constant_tokens_has_no_nan():
     hist[0] = [5, 0, 0, 1]
     hist[1] = [3, 3, 3, 3]  # constant row -> zeros -> uniform, like the absent tokens 3..5
     hist[2] = [0, 9, 0, 0]
-    index, weight = G.similarity_graph(hist, k=2, alpha=5.0, measure="distance")
-    assert np.isfinite(weight).all()
-    ref_index, ref_weight = ref_similarity(hist, 2, 5.0, "distance")
-    assert np.array_equal(index, ref_index)
-    np.testing.assert_allclose(weight, ref_weight, rtol=1e-9)
-    src, dst = index
-    assert dst[src == 1].tolist() == [3, 4, 1]  # uniform rows tie at 0: the smaller ids win
+    for measure, frobenius_norm in (("divergence", False), ("distance", True)):
+        index, weight = G.similarity_graph(hist, k=2, alpha=5.0, measure=measure, frobenius_norm=frobenius_norm)
+        assert np.isfinite(weight).all()
+        ref_index, ref_weight = ref_similarity(hist, 2, 5.0, measure, frobenius_norm)
+        assert np.array_equal(index, ref_index)
+        np.testing.assert_allclose(weight, ref_weight, rtol=1e-9)
+        src, dst = index
+        assert dst[src == 1].tolist() == [3, 4, 1]  # uniform rows tie at 0: the smaller ids win
 
 
 def test_jensen_shannon_is_accurate_for_near_identical_distributions():

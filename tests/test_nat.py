@@ -1,11 +1,14 @@
 """NAT objective and sampler: masking law, schedules, determinism, batched guidance."""
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from configs import autonat_t8_strategy
-from libs.sampling.decoding import Schedule, generate, guided_logits, maskgit_schedule, schedule_from_config
+from libs.sampling.decoding import (Schedule, generate, guided_logits, maskgit_schedule, remask_count,
+                                    schedule_from_config)
 from libs.training.objective import make_masked_batch, masked_token_loss, random_mask
 from tests.helpers import tiny_backbone
 
@@ -50,6 +53,52 @@ def test_schedules():
         Schedule([0.5], [1.0], [1.0], [1.0, 1.0, 1.0])
 
 
+def float32_maskgit_counts(T, seq_len=256):
+    """Re-mask counts of the reference arithmetic, computed here with numpy float32 (cos correctly rounded)."""
+    counts = []
+    for t in range(T - 1):
+        angle = np.float32(np.pi / 2) * np.float32((t + 1) / T)  # float32 product
+        ratio = np.float32(math.cos(float(angle)))  # cosine of the float32 angle, rounded to float32
+        counts.append(int(np.floor(np.float32(seq_len) * ratio)))  # float32 product, then floor
+    return counts
+
+
+@pytest.mark.parametrize("T", [3, 6, 9, 12])
+def test_maskgit_counts_follow_the_float32_reference(T):
+    sched = maskgit_schedule(T, 2.0)
+    expected = float32_maskgit_counts(T)
+    assert expected[2 * T // 3 - 1] == 127  # ratio 2/3: floor(256 * 0.49999997); float64 would give 128
+    assert math.floor(256 * math.cos(math.pi / 2 * 2 / 3)) == 128
+    assert all(float(np.float32(r)) == r for r in sched.ratios)  # float32 values
+    assert json.loads(json.dumps(vars(sched)))["ratio_dtype"] == "float32"  # scripts store vars(schedule)
+    record = []
+    model = tiny_backbone(seq_len=256)
+    generate(model, torch.tensor([1]), sched, seq_len=256, mask_token_id=32, null_class_id=4,
+             generator=torch.Generator().manual_seed(0), record=record)
+    got = [int((ids == 32).sum()) for ids in record[:-1]]  # masked tokens left after each step
+    n_masked, want = 256, []
+    for c in expected:  # the count is also capped to leave progress: max(1, min(#masked - 1, c))
+        n_masked = max(1, min(n_masked - 1, c))
+        want.append(n_masked)
+    assert got == want
+
+
+def test_maskgit_single_step_guidance_is_zero():
+    sched = maskgit_schedule(1, 3.0)
+    assert sched.guidance == [0.0] == torch.linspace(0, 3.0, 1).tolist()
+    assert sched.ratios == [] and sched.conf_temps == [] and sched.sample_temps == [1.0]
+    ids = generate(tiny_backbone(), torch.tensor([0, 2]), sched, seq_len=16, mask_token_id=32, null_class_id=4,
+                   generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (2, 16) and not torch.any(ids == 32)
+
+
+def test_autonat_counts_stay_float64():
+    sched = schedule_from_config(autonat_t8_strategy.get_config())
+    assert sched.ratio_dtype == "float64"
+    assert [remask_count(256, r, sched.ratio_dtype) for r in sched.ratios] == [
+        math.floor(256 * r) for r in sched.ratios] == [244, 225, 203, 190, 159, 104, 66]
+
+
 def sample(model, schedule, seed, record=None):
     g = torch.Generator().manual_seed(seed)
     return generate(model, torch.tensor([0, 1, 2, 3]), schedule, seq_len=16, mask_token_id=32,
@@ -64,7 +113,7 @@ def test_mask_count_follows_schedule_and_output_is_valid(schedule):
     ids = sample(model, schedule, seed=0, record=record)
     n_masked = 16
     for t, step_ids in enumerate(record[:-1]):
-        expected = max(1, min(n_masked - 1, math.floor(16 * schedule.ratios[t])))
+        expected = max(1, min(n_masked - 1, remask_count(16, schedule.ratios[t], schedule.ratio_dtype)))
         assert torch.all((step_ids == 32).sum(1) == expected)
         n_masked = expected
     assert not torch.any(ids == 32)

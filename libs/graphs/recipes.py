@@ -126,11 +126,40 @@ def add_self_loops_and_scale(src, dst, weight, num_nodes: int, dtype=np.float32)
     return np.stack([src, dst]), weight.astype(dtype)
 
 
+def top_counts_mask(counts, k_row, chunk_elements: int = 1 << 22) -> np.ndarray:
+    """bool [K,K]: in row i, the k_row[i] largest non-zero counts, chosen exactly as torch.topk on CPU.
+
+    The selection is `torch.topk(v, k)` with `v` the row's non-zero counts as a float32 vector in
+    increasing id order (zeros left out), which is how the released G_co was selected: ties at the
+    cut-off are kept wherever torch's CPU topk keeps them (neither the smaller nor the larger id in
+    general), so the same counts give the same edges. Rows are vectorised by grouping those with the
+    same number of non-zero counts (torch's CPU topk treats every row of a batch exactly like the same
+    values as a 1-D vector) and chunked to about `chunk_elements` values per call. Counts above 2**24
+    are rounded to float32 for the selection, as in that recipe.
+    """
+    counts = np.asarray(counts)
+    K = counts.shape[0]
+    nonzero = counts > 0  # [K,K]
+    nnz = nonzero.sum(1)  # [K]
+    keep = np.zeros((K, K), dtype=bool)
+    for n in np.unique(nnz[(nnz > 0) & (np.asarray(k_row) > 0)]):
+        rows = np.nonzero(nnz == n)[0]  # rows with n candidates
+        k = int(k_row[rows[0]])  # k depends on n only
+        for s in chunk_slices(len(rows), max(1, chunk_elements // max(K, 1))):
+            r = rows[s]
+            cols = np.nonzero(nonzero[r])[1].reshape(len(r), n)  # [r,n] candidate ids, ascending per row
+            values = np.take_along_axis(counts[r], cols, axis=1).astype(np.float32)  # [r,n]
+            picked = torch.topk(torch.from_numpy(values), k, dim=1).indices.numpy()  # [r,k] positions
+            keep[r[:, None], np.take_along_axis(cols, picked, axis=1)] = True
+    return keep
+
+
 def co_occurrence_graph(counts, ratio: float, dtype=np.float32):
     """G_co from [K,K] counts: per row the top max(1, int(nnz*ratio)) off-diagonal counts, self-loops, scaling.
 
-    Ties in a row are broken by the smaller target id. Rows without co-occurrences keep only the
-    self-loop. Weights are the counts (1 for self-loops) divided by sqrt(c_i*c_j).
+    The selection is torch.topk's on CPU over the row's non-zero counts (float32, id order), ties
+    included (`top_counts_mask`). Rows without co-occurrences keep only the self-loop. Weights are the
+    counts (1 for self-loops) divided by sqrt(c_i*c_j).
     """
     counts = np.array(counts, dtype=np.int64)  # copy [K,K]
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
@@ -143,12 +172,7 @@ def co_occurrence_graph(counts, ratio: float, dtype=np.float32):
     np.fill_diagonal(counts, 0)
     nnz = (counts > 0).sum(1)  # [K]
     k_row = np.where(nnz > 0, np.maximum(1, np.floor(nnz * float(ratio)).astype(np.int64)), 0)  # [K]
-    order = np.argsort(-counts, axis=1, kind="stable")  # [K,K] count descending, then id ascending
-    keep = np.zeros((K, K), dtype=bool)
-    rank_ok = np.arange(K)[None, :] < k_row[:, None]  # [K,K] first k_row places of each row
-    rows = np.broadcast_to(np.arange(K)[:, None], (K, K))
-    keep[rows[rank_ok], order[rank_ok]] = True
-    src, dst = np.nonzero(keep)  # row-major order
+    src, dst = np.nonzero(top_counts_mask(counts, k_row))  # row-major order
     return add_self_loops_and_scale(src, dst, counts[src, dst], K, dtype)
 
 
@@ -172,15 +196,20 @@ def position_histograms(maps, codebook_size: int, chunk: int = 16384, num_thread
     return hist.reshape(K, L)
 
 
-def position_distributions(hist) -> np.ndarray:
-    """float64 [K,L]: rows min-max normalised (constant rows -> 0), / Frobenius norm, row softmax."""
+def position_distributions(hist, frobenius_norm: bool = False) -> np.ndarray:
+    """float64 [K,L]: rows min-max normalised (constant rows -> 0), row softmax.
+
+    frobenius_norm=True divides the min-max normalised matrix by its Frobenius norm before the
+    softmax (a variant; the released G_s was built without this step).
+    """
     x = np.asarray(hist, dtype=np.float64)  # [K,L]
     lo, hi = x.min(1, keepdims=True), x.max(1, keepdims=True)
     span = hi - lo
     x = np.where(span > 0, (x - lo) / np.where(span > 0, span, 1.0), 0.0)
-    norm = np.linalg.norm(x)
-    if norm > 0:
-        x = x / norm
+    if frobenius_norm:
+        norm = np.linalg.norm(x)
+        if norm > 0:
+            x = x / norm
     e = np.exp(x - x.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
 
@@ -218,27 +247,31 @@ def jensen_shannon_matrix(p: np.ndarray, chunk: int = 8, num_threads=None, progr
     return js
 
 
-def similarity_graph(hist, k: int, alpha: float, measure: str, chunk: int = 8, dtype=np.float64, num_threads=None,
-                     progress=None):
+SIM_MEASURES = ("divergence", "distance")
+
+
+def similarity_graph(hist, k: int, alpha: float, measure: str = "divergence", *, frobenius_norm: bool = False,
+                     chunk: int = 8, dtype=np.float64, num_threads=None, progress=None):
     """G_s from position histograms [K,L]: each token -> its k nearest other tokens, weight exp(-alpha*d).
 
-    d is the Jensen-Shannon measure between the tokens' position distributions (natural log):
-    measure="distance" is sqrt(divergence) (scipy's `jensenshannon`); "divergence" is the divergence.
-    The default "distance" is what the released file matches: its weights exp(-5 d) reach 0.9726,
-    i.e. d = 0.0056, while after the recipe's normalisation every divergence is below 1/(8*1024)
-    (softmax of entries <= 1/sqrt(#non-constant rows)). Both measures pick the same neighbours.
+    The defaults are the recipe of the released file: rows min-max normalised, no division by the
+    Frobenius norm, row softmax, and d = the Jensen-Shannon divergence (natural log) between the
+    tokens' position distributions. Variants: measure="distance" uses sqrt(divergence) (scipy's
+    `jensenshannon`; same neighbours, other weights); frobenius_norm=True adds the norm step, which
+    pushes every distribution towards uniform (tiny divergences) and changes neighbours and weights.
     Ties are broken by the smaller id; a token never equals its own neighbour. Tokens that never
     occur get a uniform distribution (no NaN). Then self-loops and the edge-count scaling.
     """
-    if measure not in ("distance", "divergence"):
-        raise ValueError(f"measure must be 'distance' or 'divergence', got {measure!r}")
+    if measure not in SIM_MEASURES:
+        raise ValueError(f"measure must be 'divergence' or 'distance', got {measure!r}")
     hist = np.asarray(hist)
     if hist.ndim != 2:
         raise ValueError(f"position histograms must be [K,L], got shape {hist.shape}")
     K = hist.shape[0]
     if not 1 <= k < K:
         raise ValueError(f"k must be in [1, K-1] = [1, {K - 1}], got {k}")
-    d = jensen_shannon_matrix(position_distributions(hist), chunk, num_threads, progress)  # [K,K]
+    p = position_distributions(hist, frobenius_norm=frobenius_norm)  # [K,L]
+    d = jensen_shannon_matrix(p, chunk, num_threads, progress)  # [K,K]
     if measure == "distance":
         np.sqrt(d, out=d)
     np.fill_diagonal(d, np.inf)  # never its own neighbour

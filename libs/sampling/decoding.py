@@ -5,13 +5,22 @@ from typing import Callable, List, Optional
 
 import torch
 
+RATIO_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
 @dataclass
 class Schedule:
-    """Per-step decoding parameters; ratio and conf_temp have T-1 entries (the last step has 0)."""
+    """Per-step decoding parameters; ratio and conf_temp have T-1 entries (the last step has 0).
+
+    `ratio_dtype` ("float32" or "float64", a string so that the schedule stays JSON-serialisable) is the
+    precision of the re-mask count floor(seq_len * ratio): float32 for the MaskGIT cosine schedule (whose
+    ratios are float32 values, as in the reference arithmetic), float64 otherwise.
+    """
     ratios: List[float]
     conf_temps: List[float]
     sample_temps: List[float]
     guidance: List[float]
+    ratio_dtype: str = "float64"
 
     @property
     def steps(self) -> int:
@@ -22,16 +31,25 @@ class Schedule:
         if not (len(self.ratios) == len(self.conf_temps) == T - 1 and len(self.guidance) == T):
             raise ValueError(f"schedule lengths must be ratios/conf_temps T-1, sample_temps/guidance T; got "
                              f"{len(self.ratios)}, {len(self.conf_temps)}, {T}, {len(self.guidance)}")
+        if self.ratio_dtype not in RATIO_DTYPES:
+            raise ValueError(f"ratio_dtype must be one of {sorted(RATIO_DTYPES)}, got {self.ratio_dtype!r}")
 
 
 def maskgit_schedule(steps: int, guidance_scale: float, temp: float = 4.5) -> Schedule:
-    """MaskGIT cosine schedule: ratio cos(pi/2 (t+1)/T), conf temp temp*(1-(t+1)/T), guidance 0 -> scale."""
+    """MaskGIT cosine schedule: ratio cos(pi/2 (t+1)/T), conf temp temp*(1-(t+1)/T), guidance 0 -> scale.
+
+    The ratios are computed in float32 like the reference: (t+1)/T rounded to float32, times pi/2 and
+    the cosine in float32; the re-mask count floor(seq_len * ratio) is then also taken in float32
+    (`ratio_dtype`). This matters: at (t+1)/T = 2/3 the float32 cosine is 0.49999997, so 256 tokens
+    give 127 re-masked where float64 gives 128. The guidance is torch.linspace(0, scale, T), so
+    T = 1 has guidance [0].
+    """
     t = torch.arange(steps, dtype=torch.float64)
-    ratios = torch.cos(math.pi / 2 * (t + 1) / steps)[:-1].tolist()
+    progress = ((t + 1) / steps).to(torch.float32)  # [T] (t+1)/T rounded to float32
+    ratios = torch.cos(math.pi / 2 * progress)[:-1].tolist()  # float32 arithmetic
     conf = (temp * (1 - (t + 1) / steps))[:-1].tolist()
-    guid = (torch.linspace(0, guidance_scale, steps, dtype=torch.float64)
-            if steps > 1 else torch.tensor([guidance_scale], dtype=torch.float64)).tolist()
-    return Schedule(ratios, conf, [1.0] * steps, guid)
+    guid = torch.linspace(0, guidance_scale, steps, dtype=torch.float64).tolist()  # [0] when steps == 1
+    return Schedule(ratios, conf, [1.0] * steps, guid, ratio_dtype="float32")
 
 
 def schedule_from_config(cfg) -> Schedule:
@@ -55,6 +73,12 @@ def uniform(shape, generator, device):
 def gumbel(shape, generator, device):
     u = uniform(shape, generator, device).clamp_(1e-20, 1.0)
     return -torch.log((-torch.log(u)).clamp_min(1e-20))  # standard Gumbel(0, 1)
+
+
+def remask_count(seq_len: int, ratio: float, dtype: str = "float64") -> int:
+    """floor(seq_len * ratio) with both factors and the product in `dtype` (float32: the reference's count)."""
+    dt = RATIO_DTYPES[dtype]
+    return int(torch.floor(torch.tensor(seq_len, dtype=dt) * torch.tensor(ratio, dtype=dt)))
 
 
 def guided_logits(model: Callable, ids, class_ids, scale: float, null_class_id: int):
@@ -93,7 +117,7 @@ def generate(model: Callable, class_ids: torch.Tensor, schedule: Schedule, *, se
             conf = torch.where(is_masked, conf, torch.full_like(conf, math.inf))
             conf = conf + schedule.conf_temps[t] * gumbel(conf.shape, generator, device)
             n_masked = int(is_masked[0].sum())
-            n = max(1, min(n_masked - 1, math.floor(seq_len * schedule.ratios[t])))
+            n = max(1, min(n_masked - 1, remask_count(seq_len, schedule.ratios[t], schedule.ratio_dtype)))
             lowest = conf.topk(n, dim=-1, largest=False).indices  # [B,n]
             ids = sampled.scatter(1, lowest, mask_token_id)
         if record is not None:
