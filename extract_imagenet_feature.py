@@ -5,6 +5,9 @@
 
 Output (default assets/imagenet256_vq_features/<split>/): tokens.npy, labels.npy, meta.json; see
 libs/data/tokens.py. Rerunning the same command resumes an interrupted run (finished chunks are kept).
+Images are read by libs.data.images.read_image (no EXIF rotation; 16-bit images scaled by their declared
+depth); unreadable entries (corrupt, empty, not an image, symlink loops, permission denied) are skipped,
+logged and listed in meta.json under "skipped". A user error ends with one line `error: ...`, exit status 2.
 """
 import argparse
 import logging
@@ -13,15 +16,15 @@ import sys
 
 import torch
 
-from libs.checkpoint import MissingAssetError
-from libs.config import parse_args_with_config
-from libs.data.tokens import MissingTokenDatasetError, StopRequested, TokenDatasetError, extract_token_dataset
+from libs.cli import ArgumentParser, parse_with_config
+from libs.data.tokens import StopRequested, extract_token_dataset
 from libs.distributed import Distributed
+from libs.errors import BadInput, UserError, one_line, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (the config file and --config.* overrides are added by parse_args_with_config)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--path", required=True, help="root of the ImageFolder tree (holds <split>/<class>/...)")
     p.add_argument("--split", default="train", help="sub-folder of --path to tokenize (default train)")
     p.add_argument("--out", default=None,
@@ -41,8 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Parses flags, tokenizes the split, returns a process exit status."""
-    args, config = parse_args_with_config(build_parser(), "configs/ka_mig_l.py", argv)
+    """Parses flags, tokenizes the split, returns a process exit status (2 after a one-line user error)."""
+    try:
+        args, config = parse_with_config(build_parser(), "configs/ka_mig_l.py", argv)
+        for flag in ("batch_size", "chunk_size"):
+            if getattr(args, flag) < 1:
+                raise BadInput(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+        if args.workers < 0:
+            raise BadInput(f"--workers must be 0 or more, got {args.workers}")
+        if not config.tokenizer.checkpoint:
+            raise BadInput("no tokenizer checkpoint: set --config.tokenizer.checkpoint=<file>")
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
     dist = Distributed()
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, stream=sys.stderr,
                         format=f"[tokenize{f' rank {dist.rank}' if dist.world > 1 else ''}] %(message)s")
@@ -59,8 +73,8 @@ def main(argv=None) -> int:
     except StopRequested as e:
         logging.getLogger("token_dataset").error("%s", e)
         return 3
-    except (MissingAssetError, MissingTokenDatasetError, TokenDatasetError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     finally:
         dist.close()
@@ -68,4 +82,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

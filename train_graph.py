@@ -3,16 +3,43 @@
     torchrun --nproc_per_node=8 train_graph.py                       # paper recipe (configs/ka_mig_l.py)
     python train_graph.py --config configs/tiny.py --config.data.path <tokens>   # one CPU process
     Mixed precision: ACCELERATE_MIXED_PRECISION=fp16|bf16|no or --config.train.mixed_precision.
+
+Rerunning the same command resumes from the newest readable checkpoint of output/<run_name>/ (its config
+must match; see RESUME_MAY_CHANGE in libs/training/trainer.py for the keys that may change). Exit status:
+0 done, 1 training diverged (a non-finite loss, gradient norm or weight; nothing non-finite was written),
+2 a problem with the input (one line `error: ...`).
 """
 import argparse
 import os
+import sys
 
 from libs.config import parse_args_with_config
 from libs.data.tokens import load_tokens
+from libs.errors import BadInput, MissingInput, UserError, one_line, run_main
 from libs.training.periodic_fid import periodic_fid
-from libs.training.trainer import Trainer
+from libs.training.trainer import NonFiniteError, Trainer
 
 PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # accelerate's own variable; overrides train.mixed_precision
+DIVERGED = 1  # exit status of a run stopped by a non-finite value
+
+
+def load_training_tokens(config):
+    """(tokens [N,L], labels [N]) of config.data.path, checked against the model; MissingInput / BadInput."""
+    try:
+        tokens, labels, _ = load_tokens(config.data.path, codebook_size=config.model.codebook_size)
+    except UserError:
+        raise
+    except FileNotFoundError as e:
+        raise MissingInput(str(e)) from e
+    except ValueError as e:
+        raise BadInput(str(e)) from e
+    if tokens.shape[1] != config.model.seq_len:
+        raise BadInput(f"token dataset {config.data.path} has {tokens.shape[1]} tokens per image but the model "
+                       f"expects {config.model.seq_len} (config.model.seq_len)")
+    if len(labels) and int(labels.max()) >= config.model.num_classes:
+        raise BadInput(f"token dataset {config.data.path} has class id {int(labels.max())} but the model has "
+                       f"{config.model.num_classes} classes (config.model.num_classes)")
+    return tokens, labels
 
 
 def main(argv=None):
@@ -25,20 +52,17 @@ def main(argv=None):
         with config.train.unlocked():
             config.train.mixed_precision = os.environ[PRECISION_ENV]
         print(f"{PRECISION_ENV}={config.train.mixed_precision}: overrides config.train.mixed_precision")
-    try:
-        tokens, labels, meta = load_tokens(config.data.path, codebook_size=config.model.codebook_size)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    if tokens.shape[1] != config.model.seq_len:
-        raise SystemExit(f"token dataset {config.data.path} has {tokens.shape[1]} tokens per image but the model "
-                         f"expects {config.model.seq_len}")
-    if int(labels.max()) >= config.model.num_classes:
-        raise SystemExit(f"token dataset has class id {int(labels.max())} but the model has "
-                         f"{config.model.num_classes} classes")
+    tokens, labels = load_training_tokens(config)
     trainer = Trainer(config, tokens, labels)
     eval_fn = periodic_fid if config.train.fid_interval > 0 else None
-    trainer.fit(eval_fn=eval_fn, crash_after_step=args.crash_after_step)
+    try:
+        trainer.fit(eval_fn=eval_fn, crash_after_step=args.crash_after_step)
+    except NonFiniteError as e:
+        if trainer.accelerator.is_main_process:
+            print(f"error: training stopped: {one_line(e)}", file=sys.stderr, flush=True)
+        raise SystemExit(DIVERGED) from None  # also when main() is called from Python
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

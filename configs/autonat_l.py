@@ -48,6 +48,10 @@ def get_config():
     t.grad_clip = 0.0               # max grad norm; 0 disables clipping
     t.ema_rate = 0.9999
     t.mixed_precision = "fp16"      # 'no', 'fp16' or 'bf16' (ACCELERATE_MIXED_PRECISION overrides)
+    t.max_skipped_steps = 25        # fp16 only: steps in a row the loss scaler may skip on gradient overflow
+                                    # (each halves the scale; a few in a row is normal, more means the run
+                                    # diverges) before training stops; skips are counted in log.csv. Without
+                                    # the fp16 scaler, the first non-finite loss or gradient norm stops the run.
     t.p_uncond = 0.15
     t.mask_beta = (12, 3)
     t.label_smoothing = 0.1

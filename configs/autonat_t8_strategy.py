@@ -13,6 +13,9 @@ def get_config():
                       1.4699896959810144, 1.3760684112198358, 1.7082165405200722, 0.7133060703601533]
     c.guidance = [0.0001, 0.0001, 0.0001, 0.9151274967591447, 1.6160182878189675, 1.1945509026838659,
                   1.38322370140345, 1.22678520936251]
+    # decoded [0,1] images -> uint8: 'truncate' = (x * 255).to(uint8), as the paper's scripts (its FID is computed
+    # on truncated images); 'round' rounds to the nearest level
+    c.pixels = "truncate"
     # used only when schedule == 'maskgit'
     c.steps = 8
     c.cfg_scale = 3.0

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from libs.atomic_io import atomic_write
+from libs.atomic_io import atomic_write, atomic_write_json, atomic_write_text
 from libs.config import apply_override, load_config_file, split_overrides
 from libs.data.images import list_image_folder
 from libs.data.tokens import file_sha256
@@ -217,7 +217,7 @@ def run_demo(config_file, overrides, out, data_root=None, assets=None, threads=0
                                     "--per-class", str(d.grid_per_class), "--out", str(run_root), *sampling, *common],
                    f"a labelled grid, {d.grid_per_class} samples of every class ({kind})")
         grids[kind] = newest_run(run_root)
-        shutil.copyfile(grids[kind] / "grid.png", out / f"grid_{kind}.png")
+        copy_atomic(grids[kind] / "grid.png", out / f"grid_{kind}.png")
     runner.run("fid_reference", ["-m", "libs.evaluation.fid_stats", "--images", str(data_root / "val"), "--out", str(p["ref"]),
                                  "--device", "cpu", "--batch-size", str(d.batch_size)],
                f"Inception statistics of the {C * d.val_per_class} held-out images")
@@ -234,7 +234,7 @@ def run_demo(config_file, overrides, out, data_root=None, assets=None, threads=0
     metrics = demo_metrics(config, config_file, overrides, out, p, fid, runner, n_threads, why, t_start)
     write_json(out / "metrics.json", metrics)
     text = summary_text(metrics, out)
-    atomic_write(out / "summary.txt", lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(out / "summary.txt", text)
     print("\n" + text, flush=True)
     return metrics
 
@@ -359,9 +359,8 @@ def fmt(x) -> str:
 
 
 def write_json(path: Path, obj):
-    """Atomic indented JSON."""
-    text = json.dumps(obj, indent=1, default=str) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    """Atomic indented JSON (keys in the order given)."""
+    atomic_write_json(path, obj, indent=1, sort_keys=False)
 
 
 # ----------------------------------------------------------------------------- make demo-assets

@@ -9,10 +9,7 @@ Class c (0 <= c < 10) differs from the others in
 Everything is drawn up front from one numpy Generator, so `make_images(..., seed)` is deterministic.
 """
 import colorsys
-import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from libs.atomic_io import atomic_write
+from libs.atomic_io import atomic_write_dir, atomic_write_json
 
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "plus", "cross", "ellipse", "star", "hexagon")
 MAX_CLASSES = len(SHAPES)
@@ -198,24 +195,17 @@ def make_images(num_per_class: int, num_classes: int = MAX_CLASSES, resolution: 
 
 
 def write_image_folder(root, images: np.ndarray, labels: np.ndarray, names, progress=None) -> Path:
-    """Writes root/<class name>/<index>.png for uint8 [N,H,W,3] images; the tree appears atomically (rename)."""
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
-    try:
+    """Writes root/<class name>/<index>.png for uint8 [N,H,W,3] images; the tree appears atomically (a temp
+    folder `.<root>.<pid>.tmp` renamed into place, libs.atomic_io.atomic_write_dir)."""
+    def write(tmp):
         for name in names:
             (tmp / name).mkdir()
         items = range(len(labels)) if progress is None else progress(range(len(labels)))
         for i in items:
             Image.fromarray(images[i]).save(tmp / names[int(labels[i])] / f"{i:06d}.png", format="PNG")
         os.chmod(tmp, 0o755)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    return atomic_write_dir(Path(root), write)
 
 
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1}
@@ -237,8 +227,7 @@ def write_demo_splits(root, splits, num_classes: int, resolution: int, seed: int
         info = {"split": split, "seed": split_seed, "num_images": int(len(labels)), "per_class": per_class[split],
                 "num_classes": num_classes, "resolution": resolution, "class_names": names,
                 "generator": "demo.procedural_data.make_images"}
-        text = json.dumps(info, indent=1)
-        atomic_write(root / f"{split}.json", lambda tmp: Path(tmp).write_text(text))
+        atomic_write_json(root / f"{split}.json", info, indent=1, sort_keys=False)
         print(f"{split}: {len(labels)} images of {num_classes} classes ({resolution}x{resolution}, seed "
               f"{split_seed}) -> {root / split} in {time.time() - t0:.1f} s")
         written[split] = root / split

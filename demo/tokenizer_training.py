@@ -6,7 +6,6 @@ Codes start from k-means over encoder outputs, and codes unused for `restart_int
 onto random encoder outputs, so the codebook does not collapse. No GAN or perceptual loss: enough for
 the demo's 32x32 images, not for ImageNet.
 """
-import json
 import math
 import time
 from dataclasses import dataclass, asdict
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from demo.pipeline import shown_path
-from libs.atomic_io import atomic_torch_save, atomic_write
+from libs.atomic_io import atomic_torch_save, atomic_write_json
 from libs.config import config_to_dict
 from libs.data.images import list_image_folder, load_image_file
 from libs.models.factory import tokenizer_config
@@ -221,11 +220,13 @@ def run_tokenizer_training(config, data_dir, val_dir, out_path) -> dict:
     report = {"recon_mse_before": before, "recon_mse_after": reconstruction_mse(model, val),
               **code_usage(model, val),
               "eval_images": shown_path(val_dir) if val_dir is not None else f"{shown_path(data_dir)} (first 256)",
-              "train_images": len(images), "seconds": time.time() - t0}
+              "train_images": len(images)}
     save_tokenizer(model, out_path, {"train": asdict(cfg)})
-    text = json.dumps({"report": report, "train": asdict(cfg), "tokenizer": config_to_dict(config.tokenizer),
-                       "history": history}, indent=1)
-    atomic_write(Path(str(out_path) + ".json"), lambda tmp: Path(tmp).write_text(text))
+    # no wall time in the sidecar: the same training gives the same bytes (the time is printed below)
+    atomic_write_json(Path(str(out_path) + ".json"), {"report": report, "train": asdict(cfg),
+                                                      "tokenizer": config_to_dict(config.tokenizer),
+                                                      "history": history}, indent=1, sort_keys=False)
     print(f"reconstruction MSE {report['recon_mse_before']:.4f} -> {report['recon_mse_after']:.4f}, "
-          f"{report['codes_used']} codes used (perplexity {report['perplexity']:.1f}) -> {out_path}")
+          f"{report['codes_used']} codes used (perplexity {report['perplexity']:.1f}) -> {out_path} "
+          f"in {time.time() - t0:.0f} s")
     return report

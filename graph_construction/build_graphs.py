@@ -17,18 +17,20 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from libs.config import parse_args_with_config
+from libs.cli import ArgumentParser, check_writable, parse_with_config
 from libs.data.tokens import load_tokens
+from libs.errors import BadInput, UserError, run_main
 from libs.graphs import recipes as G
 from libs.graphs.files import GRAPH_FILES, sample_tokens, save_edge_graph, save_incompatibility, save_sample_tokens
 
 GRAPHS = tuple(GRAPH_FILES)  # co, sim, incompat
-RECIPE_FLAGS = ("max_images", "seed", "neighbourhood", "co_ratio", "sim_k", "sim_alpha", "sim_measure")
+RECIPE_FLAGS = ("max_images", "seed", "neighbourhood", "co_ratio", "sim_k", "sim_alpha", "sim_measure",
+                "sim_frobenius_norm")
 
 
 def parse_args(argv=None):
     """Command-line flags -> (argparse.Namespace with the resolved recipe values, config)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", required=True,
                    help="token dataset: a directory (tokens.npy, labels.npy, meta.json) or the paper's .npy")
     p.add_argument("--out", default=None, help="output folder (default config.graph.dir, graph_prior/)")
@@ -41,8 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--sim-k", type=int, default=None, help="G_s neighbours per token (default recipe.sim_k, 2)")
     p.add_argument("--sim-alpha", type=float, default=None,
                    help="G_s weight exp(-alpha*JS) (default recipe.sim_alpha, 5)")
-    p.add_argument("--sim-measure", default=None, choices=("distance", "divergence"),
-                   help="JS distance (sqrt, matches the released file; the default) or divergence")
+    p.add_argument("--sim-measure", default=None, choices=G.SIM_MEASURES,
+                   help="G_s measure: Jensen-Shannon divergence (default recipe.sim_measure, as the released "
+                        "file) or distance (its square root)")
+    p.add_argument("--sim-frobenius-norm", default=None, action=argparse.BooleanOptionalAction,
+                   help="G_s: divide the min-max normalised histograms by their Frobenius norm before the "
+                        "softmax (default recipe.sim_frobenius_norm, off, as the released file)")
     p.add_argument("--max-images", type=int, default=None,
                    help="token maps sampled for G_co / G_s (<= 0: all; default recipe.max_images, 50000)")
     p.add_argument("--seed", type=int, default=None, help="seed of the G_co / G_s sample (default recipe.seed, 0)")
@@ -52,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--num-threads", type=int, default=None, help="counting threads (default: CPU count, max 4)")
     p.add_argument("--write-sample-tokens", action="store_true",
                    help="also write the sample as a train_img_50K_token.pkl-style dict (paper notebooks)")
-    args, config = parse_args_with_config(p, "configs/ka_mig_l.py", argv)
+    args, config = parse_with_config(p, "configs/ka_mig_l.py", argv)
     for key in RECIPE_FLAGS:  # a flag overrides the config's recipe
         if getattr(args, key) is None:
             setattr(args, key, config.graph.recipe[key])
@@ -79,16 +85,25 @@ def main(argv=None):
     args = parse_args(argv)
 
     t0 = time.time()
-    tokens, labels, meta = load_tokens(args.tokens, codebook_size=args.codebook_size)  # [N,L], [N]
+    try:
+        tokens, labels, meta = load_tokens(args.tokens, codebook_size=args.codebook_size)  # [N,L], [N]
+    except UserError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError) as e:  # a damaged tokens.npy / labels.npy / meta.json
+        raise BadInput(f"{args.tokens}: unreadable token dataset ({type(e).__name__}: {e})") from e
     K, grid, L = int(meta["codebook_size"]), int(meta["grid"]), int(tokens.shape[1])
     if grid * grid != L:
-        raise ValueError(f"{args.tokens}: rows of {L} ids do not form a {grid}x{grid} grid")
+        raise BadInput(f"{args.tokens}: rows of {L} ids do not form a {grid}x{grid} grid")
     N = int(tokens.shape[0])
     maps = tokens.reshape(N, grid, grid)  # [N,h,w], a view (stays memory-mapped)
     num_classes = args.num_classes if args.num_classes is not None else meta.get("num_classes")
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if N else 0
+    if N and "incompat" in args.graphs and int(labels.max()) >= num_classes:
+        raise BadInput(f"{args.tokens}: labels go up to {int(labels.max())}, more than --num-classes {num_classes} "
+                       "classes can hold")
     out = Path(args.out)
+    check_writable(folders=[out])  # before the counting, not after it
     print(f"{N} token maps of {grid}x{grid} over {K} codes, {num_classes} classes from {args.tokens}")
 
     idx = G.sample_image_indices(N, args.max_images, args.seed)  # sorted rows for G_co / G_s
@@ -110,7 +125,8 @@ def main(argv=None):
                                         progress=bar("G_co counts"))  # [K,K]
         ei, ew = G.co_occurrence_graph(counts, args.co_ratio)
         recipe = {"graph": "co_occurrence", "neighbourhood": args.neighbourhood, "ratio": args.co_ratio,
-                  "top_k": "max(1, int(nnz_row * ratio)), ties -> smaller id", "self_loops": 1.0,
+                  "top_k": "max(1, int(nnz_row * ratio)) by torch.topk (CPU) over the row's non-zero float32 "
+                           "counts in id order, ties as torch.topk keeps them", "self_loops": 1.0,
                   "scaling": "1/sqrt(c_i*c_j), c = out-edges incl. self-loop"}
         written["co"] = save_edge_graph(out / GRAPH_FILES['co'], ei, ew, {**common, **subset, "recipe": recipe})
         print(f"G_co: {ew.shape[0]} edges -> {written['co']}")
@@ -118,10 +134,13 @@ def main(argv=None):
     if "sim" in args.graphs:
         hist = G.position_histograms(sample, K, num_threads=args.num_threads, progress=bar("G_s histograms"))
         ei, ew = G.similarity_graph(hist, args.sim_k, args.sim_alpha, args.sim_measure,
-                                    progress=bar("G_s Jensen-Shannon"))
+                                    frobenius_norm=args.sim_frobenius_norm, progress=bar("G_s Jensen-Shannon"))
         recipe = {"graph": "similarity", "k": args.sim_k, "alpha": args.sim_alpha,
                   "measure": f"Jensen-Shannon {args.sim_measure} (natural log)",
-                  "normalisation": "row min-max, / Frobenius norm, row softmax",
+                  "frobenius_norm": bool(args.sim_frobenius_norm),
+                  "normalisation": "row min-max, " + ("/ Frobenius norm, " if args.sim_frobenius_norm else "")
+                                   + "row softmax",
+                  "neighbours": "k smallest, ties -> smaller id",
                   "self_loops": 1.0, "scaling": "1/sqrt(c_i*c_j), c = out-edges incl. self-loop"}
         written["sim"] = save_edge_graph(out / GRAPH_FILES['sim'], ei, ew, {**common, **subset, "recipe": recipe})
         print(f"G_s: {ew.shape[0]} edges -> {written['sim']}")
@@ -145,4 +164,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

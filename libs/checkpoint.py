@@ -1,9 +1,10 @@
 """Checkpoint loading: strict state-dict loading with readable errors, and the published assets' names."""
+import warnings
 from pathlib import Path
 
 import torch
 
-from libs.errors import BadInput, MissingInput
+from libs.errors import BadInput, MissingInput, one_line
 
 README_ASSETS = "README.md, section 'Checkpoints (assets/)'"
 
@@ -37,16 +38,54 @@ def require_file(path) -> Path:
     return path
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+
+
+def strip_wrapper_prefixes(state_dict: dict, expected=None):
+    """(state dict, stripped prefixes): removes `module.` / `_orig_mod.` (repeatedly, in any order) while every
+    key carries it and, when `expected` (the model's keys) is given, the model's own keys do not."""
+    stripped = []
+    while state_dict:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None or (expected is not None and any(k.startswith(prefix) for k in expected)):
+            break
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+        stripped.append(prefix)
+    return state_dict, stripped
+
+
+def _warn_stripped(source, stripped):
+    if stripped:
+        warnings.warn(f"{source}: every key started with {' + '.join(repr(p) for p in stripped)} (saved from a "
+                      f"wrapped model: DDP 'module.' / torch.compile '_orig_mod.'); stripped it", stacklevel=3)
+
+
+TRAINING_CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step"}  # a train_graph.py checkpoints/step_*.pt
+
+
 def load_state_dict_file(path, key=None) -> dict:
-    """Loads a state dict saved bare or under 'state_dict' (or under `key`, e.g. 'ema' of our checkpoints)."""
+    """Loads a state dict saved bare or under 'state_dict' (or under `key`, e.g. 'ema' of our checkpoints).
+
+    Wrapper prefixes every key carries (`module.` of DDP, `_orig_mod.` of torch.compile) are stripped with a
+    warning.
+    """
     path = require_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, pickled code
+        raise BadInput(f"{path}: not a readable weights file ({type(e).__name__}: {one_line(e)[:200]})") from e
     for k in ([key] if key else []) + ["state_dict"]:
         if isinstance(obj, dict) and isinstance(obj.get(k), dict):
             obj = obj[k]
             break
     if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
-        raise BadInput(f"{path}: not a state dict (expected a dict of tensors, bare or under 'state_dict')")
+        hint = ""
+        if isinstance(obj, dict) and TRAINING_CHECKPOINT_KEYS <= set(obj):
+            hint = (" (it is a train_graph.py training checkpoint, which holds only the trained tensors: use the "
+                    "run folder's model_ema.pth)")
+        raise BadInput(f"{path}: not a state dict (expected a dict of tensors, bare or under 'state_dict'){hint}")
+    obj, stripped = strip_wrapper_prefixes(obj)
+    _warn_stripped(path, stripped)
     return obj
 
 
@@ -62,18 +101,66 @@ def describe_mismatch(expected: dict, found: dict, limit: int = 10) -> list:
     return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
+def _first_component(keys):
+    """The dotted first component every key shares, else None."""
+    heads = {k.split(".", 1)[0] for k in keys if "." in k}
+    return next(iter(heads)) if len(heads) == 1 and all("." in k for k in keys) else None
+
+
+def likely_cause(expected: dict, found: dict, missing: list, unexpected: list) -> str:
+    """A sentence naming the probable reason for a mismatch, when the pattern is clear ('' otherwise)."""
+    head = _first_component(found)
+    if head is not None and _first_component(expected) != head:
+        inner = {k[len(head) + 1:] for k in found}
+        if inner & set(expected):
+            return (f"every checkpoint key starts with '{head}.' (saved from a wrapper around the model); "
+                    f"strip that prefix from the keys")
+    head = _first_component(expected)
+    if head is not None and _first_component(found) != head and {f"{head}.{k}" for k in found} & set(expected):
+        return f"every model key starts with '{head}.' but no checkpoint key does"
+    found_graph = any(k.startswith("graph_layer.") for k in unexpected)
+    if found_graph and not any(k.startswith("graph_layer.") for k in expected):
+        return ("the checkpoint holds graph_layer.* tensors: it is a KA-MIG checkpoint, use --model ka_mig "
+                "(or load it into a KA-MIG model)")
+    if (missing and all(k.startswith("graph_layer.") for k in missing) and not unexpected):
+        return ("the checkpoint has no graph_layer.* tensors: it is a bare AutoNAT backbone, use --model autonat "
+                "(or train KA-MIG on it with train.init_checkpoint)")
+    if not missing and not unexpected:
+        return "every name matches but some shapes differ: the checkpoint was made with other sizes (see the config)"
+    return ""
+
+
 def load_strict(module: torch.nn.Module, state_dict: dict, source: str = "checkpoint", allow_missing=()):
     """Loads `state_dict` into `module` requiring every name and shape to match.
 
-    `allow_missing` lists name prefixes that may be absent (kept at their current values).
+    `allow_missing` lists name prefixes that may be absent (kept at their current values). Wrapper prefixes
+    (`module.`, `_orig_mod.`) that every key carries and the module's keys do not are stripped with a warning.
+    A mismatch raises BadInput showing missing keys beside unexpected ones (first few of each, with counts)
+    and the likely cause when the pattern is clear.
     """
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    module_state = module.state_dict()
+    state_dict, stripped = strip_wrapper_prefixes(state_dict, expected=module_state)
+    _warn_stripped(source, stripped)
+    expected = {k: tuple(v.shape) for k, v in module_state.items()}
     found = {k: tuple(v.shape) for k, v in state_dict.items()}
-    problems = [p for p in describe_mismatch(expected, found, limit=10 ** 9)
-                if not (p.startswith("missing ") and p.split()[1].startswith(tuple(allow_missing)))]
-    if problems:
-        shown = problems[:10] + ([f"... {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise BadInput(f"{source} does not match {type(module).__name__} "
-                         f"({len(problems)} mismatched tensors); first ones:\n  " + "\n  ".join(shown))
+    missing = [k for k in expected if k not in found and not k.startswith(tuple(allow_missing))]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [k for k in expected if k in found and found[k] != expected[k]]
+    if missing or unexpected or shapes:
+        show = 5
+        lines = [f"{source} does not match {type(module).__name__}: {len(missing)} missing, {len(unexpected)} "
+                 f"unexpected, {len(shapes)} of another shape (model {len(expected)} tensors, checkpoint "
+                 f"{len(found)})"]
+        cause = likely_cause(expected, found, missing, unexpected)
+        if cause:
+            lines.append(f"likely cause: {cause}")
+        for title, names, fmt in (
+                ("missing", missing, lambda k: f"{k} {expected[k]}"),
+                ("unexpected", unexpected, lambda k: f"{k} {found[k]}"),
+                ("shape", shapes, lambda k: f"{k}: model {expected[k]} vs checkpoint {found[k]}")):
+            if names:
+                more = f" (+{len(names) - show} more)" if len(names) > show else ""
+                lines.append(f"{title}: " + ", ".join(fmt(k) for k in names[:show]) + more)
+        raise BadInput("\n  ".join(lines))
     result = module.load_state_dict(state_dict, strict=False)
     return [k for k in result.missing_keys]

@@ -15,6 +15,12 @@ from tests.helpers import patch_feature_extractor, randomise_fusion, tiny_graphs
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def private_hash_cache(tmp_path, monkeypatch):
+    """Checkpoint hashes are cached in a temp file, never in the user's ~/.cache (subprocesses inherit it)."""
+    monkeypatch.setenv("KA_MIG_HASH_CACHE", str(tmp_path / "sha256_cache.json"))
+
+
 @pytest.fixture(scope="module")
 def tiny_assets(tmp_path_factory):
     """Tiny tokenizer, KA-MIG and backbone checkpoints plus graph files; returns config overrides."""
@@ -45,8 +51,9 @@ def test_generate_img_writes_pngs_and_grid(tiny_assets, tmp_path):
     assert len(pngs) == 6
     assert np.asarray(Image.open(pngs[0])).shape == (8, 8, 3)
     assert Image.open(run_dir / "grid.png").size[0] == 3 * 8
-    again = generate_img.main(args)
-    assert all((run_dir / p.name).read_bytes() == (again / p.name).read_bytes() for p in pngs)
+    first = {p.name: p.read_bytes() for p in pngs}
+    again = generate_img.main(args + ["--overwrite"])  # deletes the PNGs, samples them again: same bytes
+    assert again == run_dir and {p.name: p.read_bytes() for p in sorted(again.glob("0*.png"))} == first
     bare = generate_img.main(["--model", "autonat", "--checkpoint", str(root / "backbone.pth"), "--classes", "1",
                               "--per-class", "2", "--out", str(tmp_path / "bare"), "--schedule", "maskgit",
                               "--steps", "4", "--cfg", "2", "--device", "cpu", *overrides])
@@ -113,13 +120,14 @@ def test_generate_npz_writes_metrics_and_refuses_bad_reference(tiny_assets, tmp_
     metrics = json.loads((tmp_path / "ok" / "metrics.json").read_text())
     assert np.isfinite(metrics["fid"]) and metrics["n"] == 6
     assert metrics["inception_weights"] == use_fid_extractor.source
-    with pytest.raises(SystemExit, match="reference statistics not found"):
+    from libs.errors import BadInput, MissingInput
+    with pytest.raises(MissingInput, match="reference statistics not found"):
         generate_npz.main(args + ["--out", str(tmp_path / "bad"), "--ref-stats", str(tmp_path / "nope.npz")])
-    assert not (tmp_path / "bad" / "metrics.json").exists()
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
     np.savez(tmp_path / "wrong_dim.npz", mu=np.zeros(64), sigma=np.eye(64))
-    with pytest.raises(ValueError, match="feature dimension mismatch"):
+    with pytest.raises(BadInput, match="feature dimension mismatch"):
         generate_npz.main(args + ["--out", str(tmp_path / "dim"), "--ref-stats", str(tmp_path / "wrong_dim.npz")])
-    assert not (tmp_path / "dim" / "metrics.json").exists()
+    assert not (tmp_path / "dim").exists()
 
 
 def test_labelled_grid_places_images_and_captions():

@@ -175,4 +175,4 @@ def test_periodic_fid_is_logged_and_never_stored_in_checkpoints(tmp_path, fid_ex
     assert rows[0].startswith("step,fid") and rows[1].startswith("2,") and len(rows) == 2
     state = torch.load(trainer.run_dir / "checkpoints" / "step_0000002.pt", weights_only=False)
     assert "fid" not in state and set(state) == {"model", "ema", "optimizer", "scaler", "step", "config",
-                                                 "trained_params", "rng"}
+                                                 "trained_params", "rng", "skipped_steps", "processes"}

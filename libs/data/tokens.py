@@ -20,10 +20,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from libs.atomic_io import atomic_write
+from libs.atomic_io import (atomic_save_npy, atomic_savez, atomic_write, atomic_write_json, clean_stale_temps,
+                            is_disk_full, disk_full, preallocate)
 from libs.checkpoint import require_file
-from libs.data.images import ImageFileDataset, collate_images, list_image_folder
+from libs.data.images import ImageFileDataset, collate_images, scan_image_folder
 from libs.distributed import Distributed
+from libs.errors import BadInput, MissingInput
 from libs.models.factory import load_tokenizer
 
 FORMAT_VERSION = 1
@@ -36,11 +38,11 @@ SCAN_ROWS = 1 << 16             # rows per block when scanning a (memory-mapped)
 log = logging.getLogger("token_dataset")
 
 
-class TokenDatasetError(ValueError):
+class TokenDatasetError(BadInput):
     """A token dataset (or a partial extraction) is inconsistent or does not match what was asked."""
 
 
-class MissingTokenDatasetError(FileNotFoundError):
+class MissingTokenDatasetError(MissingInput):
     """The token dataset path does not exist or holds no finished dataset."""
 
 
@@ -61,20 +63,13 @@ def file_sha256(path, block=1 << 20) -> str:
 
 
 def save_npy_atomic(path, array: np.ndarray):
-    """np.save to `path` via a temp file + os.replace."""
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.save would append '.npy' to a bare temp name
-            np.save(f, array)
-    return atomic_write(path, write)
+    """np.save to `path` atomically (libs.atomic_io: temp file + rename, DiskFull when the disk is full)."""
+    return atomic_save_npy(path, array)
 
 
 def write_json_atomic(path, obj):
-    """JSON dump to `path` via a temp file + os.replace."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-    return atomic_write(path, write)
+    """JSON (sorted keys, so equal content gives equal bytes) to `path` atomically."""
+    return atomic_write_json(path, obj)
 
 
 def missing_dataset_message(path) -> str:
@@ -200,6 +195,27 @@ def write_token_dataset(out_dir, tokens: np.ndarray, labels: np.ndarray, meta: d
 # ----------------------------------------------------------------------------- builder (chunks, merge)
 
 
+def open_npy_memmap(path, dtype, shape):
+    """A writable memory map of a new .npy file (the bytes np.save would write), its space reserved first.
+
+    The file is preallocated before it is mapped: on a full disk this raises DiskFull at once, where a
+    plain np.lib.format.open_memmap (a sparse file) would die with SIGBUS at the first page that finds no
+    free block."""
+    dtype = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    try:
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            offset = f.tell()
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(path, nbytes) from e
+        raise
+    preallocate(path, offset + nbytes)
+    return np.memmap(path, dtype=dtype, mode="r+", offset=offset, shape=tuple(shape))
+
+
 def chunk_path(partial_dir: Path, c: int) -> Path:
     """File of chunk c (fixed slice of the file list, independent of the number of processes)."""
     return partial_dir / f"chunk_{c:07d}.npz"
@@ -217,15 +233,13 @@ def plan_fingerprint(items, flip: bool, chunk_size: int, resolution: int, tokeni
 
 
 def write_chunk(path: Path, tokens, labels, image_index, skipped, fingerprint: str):
-    """Atomically saves one chunk: tokens [rows,L] uint16, labels [rows], encoded image indices, skips."""
-    def write(tmp):
-        with open(tmp, "wb") as f:  # file object: np.savez would append '.npz' to the temp name
-            np.savez(f, tokens=tokens, labels=np.asarray(labels, dtype=np.int64),
-                     image_index=np.asarray(image_index, dtype=np.int64),
-                     skipped_index=np.asarray([i for i, _ in skipped], dtype=np.int64),
-                     skipped_reason=np.asarray([r for _, r in skipped], dtype=str),
-                     fingerprint=np.asarray(fingerprint))
-    atomic_write(path, write)
+    """Atomically saves one chunk: tokens [rows,L] uint16, labels [rows], encoded image indices, skips
+    (a reproducible .npz: equal chunks give equal bytes)."""
+    atomic_savez(path, {"tokens": np.asarray(tokens), "labels": np.asarray(labels, dtype=np.int64),
+                        "image_index": np.asarray(image_index, dtype=np.int64),
+                        "skipped_index": np.asarray([i for i, _ in skipped], dtype=np.int64),
+                        "skipped_reason": np.asarray([r for _, r in skipped], dtype=str),
+                        "fingerprint": np.asarray(fingerprint)})
 
 
 def read_chunk(path: Path, fingerprint: str, keys=("labels", "image_index", "skipped_index", "skipped_reason")):
@@ -259,8 +273,8 @@ def prepare_output(out_dir: Path, fingerprint: str, n_items: int, chunk_size: in
         if not same or overwrite:
             shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    for stale in partial.glob(".*.tmp"):  # temp files of a killed run
-        stale.unlink()
+    for folder in (out_dir, partial):  # temp files of killed runs (never those of a live process)
+        clean_stale_temps(folder)
     if overwrite:
         meta_path.unlink(missing_ok=True)
     if not (partial / PLAN_FILE).is_file():
@@ -344,7 +358,7 @@ def merge_chunks(out_dir: Path, n_chunks: int, fingerprint: str, items, meta: di
     L = meta["seq_len"]
 
     def write_tokens(tmp):
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(n_rows, L))  # [N, L]
+        mm = open_npy_memmap(tmp, np.uint16, (n_rows, L))  # [N, L], disk space reserved
         row = 0
         for c in range(n_chunks):  # one chunk's tokens in memory at a time
             tokens = read_chunk(chunk_path(partial, c), fingerprint, keys=("tokens",))["tokens"]  # [rows, L]
@@ -358,7 +372,7 @@ def merge_chunks(out_dir: Path, n_chunks: int, fingerprint: str, items, meta: di
         del mm
 
     (out_dir / META_FILE).unlink(missing_ok=True)  # the directory counts as unfinished until meta.json
-    atomic_write(out_dir / TOKENS_FILE, write_tokens)
+    atomic_write(out_dir / TOKENS_FILE, write_tokens, size=n_rows * L * np.dtype(np.uint16).itemsize)
     save_npy_atomic(out_dir / LABELS_FILE, np.concatenate([ch["labels"] for ch in chunks]).astype(np.int64))
     skipped = [{"file": items[int(i)][0], "reason": str(r)}
                for ch in chunks for i, r in zip(ch["skipped_index"], ch["skipped_reason"])]
@@ -379,7 +393,8 @@ def extract_token_dataset(image_root, out_dir, tok_cfg, *, flip: bool, batch_siz
     model = load_tokenizer(tok_cfg, device=device)  # MissingAssetError naming the file if absent
     if model.codebook_size > np.iinfo(np.uint16).max + 1:
         raise TokenDatasetError(f"codebook of {model.codebook_size} codes does not fit uint16 tokens")
-    classes, items = list_image_folder(image_root)
+    listing = scan_image_folder(image_root)  # loops / unreadable entries become skipped items, never errors
+    classes, items = listing.classes, listing.items
     resolution = model.cfg.resolution
     tok_sha = dist.broadcast(file_sha256(tok_cfg.checkpoint) if dist.is_main else None)
     fingerprint = plan_fingerprint(items, flip, chunk_size, resolution, model.config_dict(), tok_sha)
@@ -409,7 +424,7 @@ def extract_token_dataset(image_root, out_dir, tok_cfg, *, flip: bool, batch_siz
     if dist.is_main:
         log.info("%d files in %d classes -> %d chunks of %d: %d finished, %d to do on %d process(es)",
                  len(items), len(classes), n_chunks, chunk_size, n_chunks - len(pending), len(pending), dist.world)
-    dataset = ImageFileDataset(image_root, items, resolution)
+    dataset = ImageFileDataset(image_root, items, resolution, problems=listing.problems)
     compute_chunks(model, dataset, mine, partial, fingerprint, chunk_size=chunk_size, flip=flip,
                    batch_size=batch_size, workers=workers, device=device, show_progress=dist.is_main,
                    stop_after_chunks=stop_after_chunks)

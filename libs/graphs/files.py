@@ -4,7 +4,9 @@ Edge graphs are pickles of `[edge_index LongTensor [2,E], edge_weight Tensor [E]
 released `codebook_*.pkl` files, plus a sidecar `<file>.json` with metadata. They are read with a
 restricted unpickler that only rebuilds tensors / arrays (no arbitrary code). G_p is an .npz of the
 packed occurrence bits (libs.graphs.occurrence_bits); the paper's dense [C,L,K] tensor (.pt/.npy)
-is accepted too. Every file is written atomically (temp file + rename).
+is accepted too. Every file is written atomically (temp file + rename, libs.atomic_io) and byte-reproducibly:
+the same graph and metadata give the same bytes (tensor storages are pickled as torch zip archives, which
+hold no memory addresses; the .npz has fixed zip timestamps; JSON keys are sorted).
 """
 import collections
 import io
@@ -16,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from libs.atomic_io import atomic_write
+from libs.atomic_io import atomic_savez, atomic_write, atomic_write_json
+from libs.errors import BadInput, MissingInput
 from libs.graphs.recipes import dense_to_occurrence, sample_image_indices, unpack_occurrence
 
 BUILD_HINT = "it is built by `python -m graph_construction.build_graphs --tokens <dataset> --out graph_prior/`"
@@ -35,9 +38,9 @@ def graph_paths(graph_dir) -> dict:
     return {name: Path(graph_dir) / file for name, file in GRAPH_FILES.items()}
 
 
-def missing_graph_error(path) -> FileNotFoundError:
-    """FileNotFoundError naming the graph file and the command that builds it."""
-    return FileNotFoundError(f"graph file not found: {path}\n  {BUILD_HINT}")
+def missing_graph_error(path) -> MissingInput:
+    """MissingInput (a FileNotFoundError) naming the graph file and the command that builds it."""
+    return MissingInput(f"graph file not found: {path}\n  {BUILD_HINT}")
 
 
 def meta_path(path) -> Path:
@@ -47,15 +50,19 @@ def meta_path(path) -> Path:
 
 
 def write_json(path, obj):
-    """Atomically writes `obj` as indented JSON."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    """Atomically writes `obj` as indented JSON with sorted keys."""
+    atomic_write_json(path, obj)
 
 
 def read_meta(path) -> dict:
     """The sidecar metadata of a graph file, or {} if it has none."""
     mp = meta_path(path)
-    return json.loads(mp.read_text()) if mp.is_file() else {}
+    if not mp.is_file():
+        return {}
+    try:
+        return json.loads(mp.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BadInput(f"{mp}: unreadable graph metadata ({type(e).__name__}: {e})") from e
 
 
 # ----------------------------------------------------------------------------- safe unpickling
@@ -99,12 +106,31 @@ class GraphUnpickler(pickle.Unpickler):
 
 
 def _as_tensor(x, name: str, path) -> torch.Tensor:
-    """Tensor from a tensor or numpy array, else ValueError naming the file."""
+    """Tensor from a tensor or numpy array, else BadInput naming the file."""
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(x))
-    raise ValueError(f"{path}: {name} is a {type(x).__name__}, expected a tensor or numpy array")
+    raise BadInput(f"{path}: {name} is a {type(x).__name__}, expected a tensor or numpy array")
+
+
+# ----------------------------------------------------------------------------- reproducible pickles
+
+class ReproduciblePickler(pickle.Pickler):
+    """A pickler whose output depends on the tensors' contents only.
+
+    A plain pickle of a tensor stores its storage as a legacy torch.save archive keyed by the storage's memory
+    address, so the same graph pickled twice gives different bytes. Here each storage becomes
+    `torch.storage._load_from_bytes(<torch zip archive>)`: the call plain pickle.load, torch.load and
+    GraphUnpickler make for the released files too, and a zip archive written to a buffer holds no address.
+    """
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.storage.TypedStorage):
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            return torch.storage._load_from_bytes, (buffer.getvalue(),)
+        return NotImplemented
 
 
 # ----------------------------------------------------------------------------- edge graphs
@@ -120,7 +146,7 @@ def save_edge_graph(path, edge_index, edge_weight, meta: dict = None):
 
     def write(tmp):
         with open(tmp, "wb") as f:
-            pickle.dump([ei, ew], f, protocol=4)
+            ReproduciblePickler(f, protocol=4).dump([ei, ew])
 
     atomic_write(path, write)
     meta = dict(meta or {})
@@ -143,26 +169,26 @@ def load_edge_graph(path, dtype=torch.float32):
         with open(path, "rb") as f:
             obj = GraphUnpickler(f).load()
     except Exception as e:  # truncated file, foreign pickle, refused global
-        raise ValueError(f"{path}: not a readable graph pickle ({type(e).__name__}: {e})") from e
+        raise BadInput(f"{path}: not a readable graph pickle ({type(e).__name__}: {e})") from e
     if not (isinstance(obj, (list, tuple)) and len(obj) == 2):
-        raise ValueError(f"{path}: expected a pickled [edge_index, edge_weight], got {type(obj).__name__}"
+        raise BadInput(f"{path}: expected a pickled [edge_index, edge_weight], got {type(obj).__name__}"
                          + (f" of length {len(obj)}" if isinstance(obj, (list, tuple)) else ""))
     ei, ew = _as_tensor(obj[0], "edge_index", path), _as_tensor(obj[1], "edge_weight", path)
     if ei.ndim != 2 or ei.shape[0] != 2 or ei.dtype.is_floating_point or ei.dtype == torch.bool:
-        raise ValueError(f"{path}: edge_index must be an integer [2,E] tensor, got {ei.dtype} {tuple(ei.shape)}")
+        raise BadInput(f"{path}: edge_index must be an integer [2,E] tensor, got {ei.dtype} {tuple(ei.shape)}")
     if ew.shape != (ei.shape[1],) or not ew.dtype.is_floating_point:
-        raise ValueError(f"{path}: edge_weight must be a float [E] = [{ei.shape[1]}] tensor, "
+        raise BadInput(f"{path}: edge_weight must be a float [E] = [{ei.shape[1]}] tensor, "
                          f"got {ew.dtype} {tuple(ew.shape)}")
     ei = ei.long()
     if ei.numel() and int(ei.min()) < 0:
-        raise ValueError(f"{path}: negative node index in edge_index")
+        raise BadInput(f"{path}: negative node index in edge_index")
     if not bool(torch.isfinite(ew).all()):
-        raise ValueError(f"{path}: edge_weight has non-finite values")
+        raise BadInput(f"{path}: edge_weight has non-finite values")
     num_nodes = int(ei.max()) + 1 if ei.numel() else 0
     declared = read_meta(path).get("num_nodes")
     if declared is not None:
         if int(declared) < num_nodes:
-            raise ValueError(f"{path}: meta says {declared} nodes but edge_index uses node {num_nodes - 1}")
+            raise BadInput(f"{path}: meta says {declared} nodes but edge_index uses node {num_nodes - 1}")
         num_nodes = int(declared)
     return ei, (ew if dtype is None else ew.to(dtype)), num_nodes
 
@@ -186,12 +212,9 @@ def save_incompatibility(path, packed, meta: dict = None):
         raise ValueError(f"grid {grid} does not give the {L} positions of the packed bits")
     meta.update(codebook_size=K, grid=grid, num_classes=C, seq_len=L)
 
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a name
-            np.savez_compressed(f, packed=packed, codebook_size=np.int64(K), grid=np.asarray(side, np.int64),
-                                num_classes=np.int64(C), meta=np.asarray(json.dumps(meta, default=str)))
-
-    atomic_write(path, write)
+    atomic_savez(path, {"packed": packed, "codebook_size": np.int64(K), "grid": np.asarray(side, np.int64),
+                        "num_classes": np.int64(C), "meta": np.asarray(json.dumps(meta, sort_keys=True, default=str))},
+                 compressed=True)
     write_json(meta_path(path), meta)
     return Path(path)
 
@@ -206,7 +229,7 @@ def load_dense_incompatibility(path):
     except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
         obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, torch.Tensor):
-        raise ValueError(f"{path}: expected a dense [C,L,K] tensor, got {type(obj).__name__}")
+        raise BadInput(f"{path}: expected a dense [C,L,K] tensor, got {type(obj).__name__}")
     return obj
 
 
@@ -231,14 +254,14 @@ def load_incompatibility(path, num_classes: int = None) -> dict:
             dense = load_dense_incompatibility(path)
             packed, (C, _, K), meta = dense_to_occurrence(dense), tuple(dense.shape), {"source": "dense"}
     except (OSError, KeyError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path}: not a readable incompatibility file ({type(e).__name__}: {e})") from e
+        raise BadInput(f"{path}: not a readable incompatibility file ({type(e).__name__}: {e})") from e
     if packed.dtype != np.uint8 or packed.ndim != 3 or packed.shape[::2] != (C, math.ceil(K / 8)):
-        raise ValueError(f"{path}: packed bits {packed.dtype} {packed.shape} do not match "
+        raise BadInput(f"{path}: packed bits {packed.dtype} {packed.shape} do not match "
                          f"num_classes {C}, codebook_size {K}")
     if num_classes is not None and C != num_classes:
         null_is_zero = C == num_classes + 1 and bool(unpack_occurrence(packed[-1], K).all())
         if not null_is_zero:
-            raise ValueError(f"{path}: holds {C} classes, the model has {num_classes} "
+            raise BadInput(f"{path}: holds {C} classes, the model has {num_classes} "
                              f"(plus the null class {num_classes}, whose prior is zero)")
         packed, C = packed[:-1], num_classes  # drop the all-zero null class
     return dict(packed=torch.from_numpy(np.ascontiguousarray(packed)), codebook_size=K,
@@ -260,6 +283,6 @@ def save_sample_tokens(path, sample: dict):
     """Writes a `train_img_50K_token.pkl`-style pickle (dict image index -> list of ids)."""
     def write(tmp):
         with open(tmp, "wb") as f:
-            pickle.dump(sample, f, protocol=4)
+            ReproduciblePickler(f, protocol=4).dump(sample)
 
     return atomic_write(path, write)

@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 from libs.atomic_io import atomic_write
 from libs.errors import BadInput
 from libs.models.cpu_kernels import CPU_KERNELS
-from libs.models.factory import DEFAULT_CHECKPOINTS, MODEL_KINDS
+from libs.models.factory import (DEFAULT_CHECKPOINTS, MODEL_KINDS, backbone_config, check_tokenizer_matches,
+                                  tokenizer_config)
 from libs.sampling.decoding import generate, schedule_from_config
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -134,6 +135,25 @@ def schedule_from_flags(config, schedule=None, steps=None, cfg_scale=None, temp=
         return schedule_from_config(sample)
     except ValueError as e:  # lengths of the schedule lists do not fit together
         raise BadInput(f"config.sample: {e}") from e
+
+
+def check_inputs(args, config) -> str:
+    """Flag and config checks shared by the sampling scripts, before any model is built; returns config.sample.pixels.
+
+    Bad values (batch size, pixel mode, no tokenizer checkpoint, a tokenizer that does not fit the backbone)
+    raise BadInput.
+    """
+    if args.batch_size < 1:
+        raise BadInput(f"--batch-size must be at least 1, got {args.batch_size}")
+    pixels = check_pixels(config.sample.get("pixels", "truncate"))
+    if not config.tokenizer.checkpoint:
+        raise BadInput("no tokenizer checkpoint: set --config.tokenizer.checkpoint=<file>")
+    tok = tokenizer_config(config.tokenizer)
+    try:
+        check_tokenizer_matches(tok.codebook_size, tok.grid_size, backbone_config(config.model))
+    except ValueError as e:
+        raise BadInput(str(e)) from e
+    return pixels
 
 
 def add_sampling_flags(parser):

@@ -1,7 +1,8 @@
 """Training loop of train_graph.py: pretrain (backbone) or ka_mig (graph modules on a frozen backbone)."""
 import contextlib
 import csv
-import json
+import io
+import math
 import os
 import signal
 import time
@@ -13,9 +14,10 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from libs.atomic_io import atomic_torch_save, atomic_write
+from libs.atomic_io import atomic_torch_save, atomic_write_json, atomic_write_text, clean_stale_temps
 from libs.checkpoint import load_state_dict_file, load_strict
 from libs.config import config_to_dict
+from libs.errors import BadInput
 from libs.models.factory import build_model
 from libs.training.objective import make_masked_batch, masked_token_loss
 
@@ -26,16 +28,16 @@ TRAINED_PREFIXES = {"pretrain": ("",), "ka_mig": ("graph_layer.", "mlm_layer.")}
 
 
 def check_mode(mode: str):
-    """Raises ValueError for an unknown train.mode."""
+    """Raises BadInput (a ValueError) for an unknown train.mode."""
     if mode not in MODE_MODEL:
-        raise ValueError(f"unknown train.mode '{mode}' ({' or '.join(MODE_MODEL)})")
+        raise BadInput(f"unknown train.mode '{mode}' ({' or '.join(MODE_MODEL)})")
 
 
 def init_model(config, graphs: dict = None):
     """The model `train.mode` trains: a fresh AutoNAT (pretrain) or KA-MIG on `train.init_checkpoint` (ka_mig).
 
     A KA-MIG run loads the backbone strictly with its graph modules left at their (zero-fusion) init.
-    Raises ValueError when ka_mig mode has no init_checkpoint, MissingAssetError when the file is absent.
+    Raises BadInput when ka_mig mode has no init_checkpoint, MissingAssetError when the file is absent.
     """
     mode = config.train.mode
     check_mode(mode)
@@ -45,7 +47,7 @@ def init_model(config, graphs: dict = None):
         allow = ("graph_layer.",) if mode == "ka_mig" else ()
         load_strict(model, load_state_dict_file(init), source=init, allow_missing=allow)
     elif mode == "ka_mig":
-        raise ValueError("train.mode=ka_mig needs the frozen backbone: set config.train.init_checkpoint "
+        raise BadInput("train.mode=ka_mig needs the frozen backbone: set config.train.init_checkpoint "
                          "(default assets/nnet_ema.pth)")
     return model
 
@@ -88,37 +90,200 @@ def lr_at(step, base_lr, warmup):
     return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- resume rules
+
+# The config keys a resumed run may change; every other key must equal the checkpoint's config, or the resume
+# stops (BadInput). A name ending in '*' covers every key starting with what precedes it. The number of
+# processes is no key: it may change while the global batch (train.batch_size) stays the same, and so may
+# train.grad_accum, the other half of how that batch is split (float results then differ slightly).
+RESUME_MAY_CHANGE = (
+    "train.n_steps",                                             # train longer (or stop sooner)
+    "train.save_interval", "train.log_interval", "train.keep_checkpoints",  # bookkeeping only
+    "train.max_skipped_steps",                                   # the fp16 overflow limit
+    "train.fid_*",                                               # periodic FID (evaluation only)
+    "output_dir", "run_name",                                    # where the run folder lives
+    "train.grad_accum",                                          # how the unchanged global batch is split
+)
+# Where the run lives, not how it trains: left out of the config stored in checkpoints, so that the same run
+# in two folders writes byte-identical checkpoints.
+LOCATION_KEYS = ("output_dir", "run_name")
+
+
+def may_change_on_resume(key: str) -> bool:
+    return any(key == rule or (rule.endswith("*") and key.startswith(rule[:-1])) for rule in RESUME_MAY_CHANGE)
+
+
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+_ABSENT = "(absent)"
+
+
+def config_changes(stored: dict, current: dict):
+    """(allowed, refused, unrecorded): (key, checkpoint value, current value) of the keys that differ.
+
+    `unrecorded` are keys the checkpoint's config does not hold (settings added to the code after it was
+    written): they cannot be compared and are only reported. A key the checkpoint holds but the current config
+    lacks is refused like any other difference (its setting can no longer be honoured)."""
+    a, b = flatten_config(stored), flatten_config(current)
+    allowed, refused, unrecorded = [], [], []
+    for key in sorted(set(a) | set(b)):
+        old, new = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if old == new or (isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and list(old) == list(new)):
+            continue
+        if key not in a:
+            if key not in LOCATION_KEYS:  # the location is never stored
+                unrecorded.append((key, old, new))
+        elif may_change_on_resume(key):
+            allowed.append((key, old, new))
+        else:
+            refused.append((key, old, new))
+    return allowed, refused, unrecorded
+
+
+def stored_config(config) -> dict:
+    """The config as checkpoints store it: everything but the run's location."""
+    return {k: v for k, v in config_to_dict(config).items() if k not in LOCATION_KEYS}
+
+
+# ----------------------------------------------------------------------------- logs and checkpoints
+
+LOG_FILES = ("log.csv", "fid.csv")  # per-step logs of the run folder, cut back to the checkpoint on resume
+
+
+def _csv_text(fieldnames, rows) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fieldnames, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def read_csv(path: Path):
+    """(fieldnames, rows) of a CSV log; rows that do not parse (a line cut by a crash) are dropped."""
+    if not path.is_file():
+        return [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = list(reader.fieldnames or [])
+        rows = [r for r in reader if None not in r and None not in r.values()]
+    return fields, rows
 
 
 def append_csv(path: Path, row: dict):
-    """Appends one row to a CSV log (header on first write)."""
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    """Adds one row to a CSV log (header on first write); the file is rewritten atomically, so a crash
+    never leaves a half-written line. A new column joins the header (older rows leave it empty)."""
+    path = Path(path)
+    fields, rows = read_csv(path)
+    fields += [k for k in row if k not in fields]
+    atomic_write_text(path, _csv_text(fields, rows + [{k: row.get(k, "") for k in fields}]))
+
+
+def truncate_csv(path: Path, max_step: int):
+    """Keeps the rows of a CSV log with step <= max_step (what a resume from that step will log again)."""
+    path = Path(path)
+    fields, rows = read_csv(path)
+    if not fields:
+        return
+    kept = []
+    for r in rows:
+        try:
+            if int(float(r["step"])) <= max_step:
+                kept.append(r)
+        except (KeyError, TypeError, ValueError):
+            pass
+    if not kept:
+        path.unlink(missing_ok=True)
+    elif len(kept) != len(rows):
+        atomic_write_text(path, _csv_text(fields, kept))
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len("step_"):].split(".")[0])
 
 
 def list_checkpoints(ckpt_dir: Path):
-    return sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]), reverse=True)
+    """checkpoints/step_<n>.pt files, newest (highest step) first."""
+    return sorted((p for p in Path(ckpt_dir).glob("step_*.pt") if p.name[5:-3].isdigit()), key=step_of,
+                  reverse=True)
+
+
+def non_finite_tensors(tree, prefix="") -> list:
+    """Names of the floating-point tensors in a nested dict / list that hold NaN or inf."""
+    bad = []
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
+            bad.append(prefix or "tensor")
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            bad += non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            bad += non_finite_tensors(v, f"{prefix}[{i}]")
+    return bad
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint; ValueError if it is not one or holds non-finite weights."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not {"step", "model", "ema"} <= set(state):
+        raise ValueError("not a train_graph.py checkpoint (no 'step' / 'model' / 'ema' entries)")
+    bad = non_finite_tensors({"model": state["model"], "ema": state["ema"]})
+    if bad:
+        raise NonFiniteCheckpoint(f"{len(bad)} tensors hold NaN/inf (first: {', '.join(bad[:3])})")
+    return state
+
+
+class NonFiniteCheckpoint(ValueError):
+    """A checkpoint whose weights hold NaN or inf (written by older code): never resumed from."""
 
 
 def load_latest_checkpoint(ckpt_dir: Path, log=print):
-    """The newest checkpoint that loads; truncated or corrupt ones are skipped with a warning."""
+    """(path, state) of the newest usable checkpoint, else (None, None).
+
+    A checkpoint that does not load (truncated, corrupt) is renamed `<name>.unreadable`, one with non-finite
+    weights `<name>.nonfinite`: set aside, so it can neither be resumed from nor displace the readable ones
+    when old checkpoints are pruned. Run it in one process only (it renames files).
+    """
     for path in list_checkpoints(ckpt_dir):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            if not isinstance(state, dict) or "step" not in state:
-                raise ValueError("no 'step' entry")
-            return path, state
-        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, never fatal
-            log(f"warning: skipping unreadable checkpoint {path}: {type(e).__name__}: {e}")
+            return path, read_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is set aside, never fatal
+            aside = path.with_name(path.name + (".nonfinite" if isinstance(e, NonFiniteCheckpoint) else ".unreadable"))
+            try:
+                os.replace(path, aside)
+                where = f"; moved to {aside.name}"
+            except OSError as move_error:
+                where = f"; could not move it aside ({move_error})"
+            log(f"warning: skipping unreadable checkpoint {path}: {type(e).__name__}: {str(e)[:200]}{where}")
     return None, None
 
 
+def prune_checkpoints(ckpt_dir: Path, newest: Path, keep: int) -> list:
+    """Removes checkpoints older than the `keep` newest up to `newest` (the one just saved), which is always
+    kept; files of a higher step than `newest` are neither counted nor removed. Returns the removed files."""
+    newest_step = step_of(newest)
+    older = [p for p in list_checkpoints(ckpt_dir) if step_of(p) < newest_step]
+    removed = older[max(keep - 1, 0):]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
 # ----------------------------------------------------------------------------- trainer
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss, gradient norm or weight (or the fp16 loss scaler gave up): the run stops
+    without writing non-finite weights; train_graph.py exits with status 1."""
 
 
 class Trainer:
@@ -136,8 +301,8 @@ class Trainer:
         self.rank, self.world = acc.process_index, acc.num_processes
         per_step = self.world * t.grad_accum
         if t.batch_size % per_step:
-            raise ValueError(f"train.batch_size {t.batch_size} (global) must divide by processes x grad_accum "
-                             f"= {self.world} x {t.grad_accum}")
+            raise BadInput(f"train.batch_size {t.batch_size} (global) must divide by processes x grad_accum "
+                           f"= {self.world} x {t.grad_accum}")
         self.micro_batch = t.batch_size // per_step
         self.run_dir = Path(config.output_dir) / config.run_name
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -159,10 +324,17 @@ class Trainer:
         self.ema = {n: p.detach().float().clone() for n, p in self.unwrapped.named_parameters()
                     if n in self.trained_set}
         self.step = 0
+        self.skipped_total = 0  # optimizer steps the fp16 loss scaler skipped (gradient overflow), in all
+        self.skipped_run = 0    # ... in a row, up to the last step
 
     @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def scaler(self):
+        """accelerate's GradScaler (fp16 on a GPU), else None."""
+        return getattr(self.optimizer, "scaler", None)
 
     def log(self, msg):
         if self.accelerator.is_main_process:
@@ -174,13 +346,15 @@ class Trainer:
         return {n: p.detach().cpu().clone() for n, p in self.unwrapped.named_parameters() if n in self.trained_set}
 
     def checkpoint_state(self):
-        scaler = self.accelerator.scaler
+        scaler = self.scaler
         return {"model": self.trained_state(),
                 "ema": {n: v.cpu().clone() for n, v in self.ema.items()},
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "step": self.step,
-                "config": config_to_dict(self.config),
+                "skipped_steps": {"total": self.skipped_total, "in_a_row": self.skipped_run},
+                "processes": self.world,
+                "config": stored_config(self.config),
                 "trained_params": list(self.trained_names),
                 "rng": {"scheme": "every step reseeds from (seed, rank, step)", "seed": self.config.seed,
                         "torch": torch.get_rng_state()}}
@@ -188,27 +362,45 @@ class Trainer:
     def load_state(self, state):
         missing = set(self.trained_names) - set(state["model"])
         if missing:
-            raise ValueError(f"checkpoint does not hold the trained parameters {sorted(missing)[:5]} "
-                             f"(was it made with another train.mode?)")
+            raise BadInput(f"checkpoint does not hold the trained parameters {sorted(missing)[:5]} "
+                           f"(was it made with another train.mode?)")
         with torch.no_grad():
             for n, p in self.unwrapped.named_parameters():
                 if n in self.trained_set:
                     p.copy_(state["model"][n])
         self.ema = {n: state["ema"][n].to(self.accelerator.device).float().clone() for n in self.trained_names}
         self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler") is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler") is not None and self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        skipped = state.get("skipped_steps") or {}
+        self.skipped_total, self.skipped_run = int(skipped.get("total", 0)), int(skipped.get("in_a_row", 0))
+
+    def check_finite_weights(self, what: str):
+        """Raises NonFiniteError (on every rank alike) if a trained weight or its EMA holds NaN/inf."""
+        bad = non_finite_tensors({"model": {n: p for n, p in self.unwrapped.named_parameters()
+                                            if n in self.trained_set}, "ema": self.ema})
+        flag = self.accelerator.reduce(torch.tensor(float(len(bad)), device=self.accelerator.device), "sum")
+        if float(flag) > 0:
+            shown = ", ".join(bad[:3]) if bad else "on another process"
+            raise NonFiniteError(f"step {self.step}: {len(bad) or 'some'} weight tensors hold NaN/inf ({shown}); "
+                                 f"{what} not written. {self.last_checkpoint_hint()}")
+
+    def last_checkpoint_hint(self) -> str:
+        ckpts = list_checkpoints(self.ckpt_dir)
+        where = f"The last checkpoint, {ckpts[0]}, holds finite weights" if ckpts else "No checkpoint was written"
+        return f"{where}; lower train.lr (or set train.grad_clip) before resuming"
 
     def save_checkpoint(self):
-        """Rank 0 writes step_<n>.pt atomically; older ones beyond keep_checkpoints are removed."""
+        """Rank 0 writes step_<n>.pt atomically, then prunes older ones beyond keep_checkpoints (never the new
+        one). Weights holding NaN/inf are never written (NonFiniteError)."""
         acc = self.accelerator
+        self.check_finite_weights(f"checkpoint step_{self.step:07d}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
             path = self.ckpt_dir / f"step_{self.step:07d}.pt"
             atomic_torch_save(self.checkpoint_state(), path)
-            for old in list_checkpoints(self.ckpt_dir)[self.config.train.keep_checkpoints:]:
-                old.unlink()
+            prune_checkpoints(self.ckpt_dir, path, self.config.train.keep_checkpoints)
             self.log(f"saved {path}")
         acc.wait_for_everyone()
 
@@ -219,11 +411,54 @@ class Trainer:
             state[n] = v.cpu().to(state[n].dtype)
         return state
 
+    def find_checkpoint(self):
+        """(path, state) of the checkpoint to resume from: rank 0 picks it (setting unusable files aside) and
+        tells the other ranks, so every process resumes from the same file."""
+        acc = self.accelerator
+        path, state = None, None
+        if acc.is_main_process:
+            for folder in (self.run_dir, self.ckpt_dir):
+                clean_stale_temps(folder)  # temp files of killed runs
+            path, state = load_latest_checkpoint(self.ckpt_dir, self.log)
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+            path = broadcast_object_list([str(path) if path is not None else None])[0]
+            if path is not None and not acc.is_main_process:
+                path = Path(path)
+                state = read_checkpoint(path)
+        return (Path(path), state) if path is not None else (None, None)
+
+    def check_resume_config(self, path, state):
+        """Compares the checkpoint's config with this run's: RESUME_MAY_CHANGE keys pass (logged), any other
+        difference raises BadInput naming the keys, both values, the checkpoint and how to start anew."""
+        if not state.get("config"):
+            self.log(f"warning: {path} records no config; resuming without checking it")
+            return
+        allowed, refused, unrecorded = config_changes(state["config"], stored_config(self.config))
+        if refused:
+            diffs = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, old, new in refused)
+            raise BadInput(f"cannot resume from {path}: the config differs from the one the checkpoint was made "
+                           f"with ({diffs}). Resume with the checkpoint's values, or start a new run with another "
+                           f"--config.run_name or --config.output_dir (or delete {self.run_dir})")
+        if allowed:
+            self.log("resuming with changed settings (allowed on resume): "
+                     + "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in allowed))
+        if unrecorded:
+            self.log(f"warning: {path} does not record {', '.join(k for k, _, _ in unrecorded)} (settings added "
+                     f"since it was written); resuming with the current values")
+        before = state.get("processes")
+        if before is not None and int(before) != self.world:
+            self.log(f"resuming on {self.world} processes (the checkpoint was written by {before}); the global "
+                     f"batch is unchanged ({self.config.train.batch_size}), per-process randomness differs")
+
     def resume(self):
-        path, state = load_latest_checkpoint(self.ckpt_dir, self.log)
+        """Loads the newest usable checkpoint after checking its config; returns the step resumed from."""
+        path, state = self.find_checkpoint()
         if state is not None:
+            self.check_resume_config(path, state)
             self.load_state(state)
             self.log(f"resumed from {path} (step {self.step})")
+        return self.step
 
     # --- one step
 
@@ -234,6 +469,10 @@ class Trainer:
         return torch.Generator(device=self.accelerator.device).manual_seed(seed)
 
     def train_step(self):
+        """One optimizer step. The loss (averaged over processes) and the gradient norm are checked first:
+        a non-finite value raises NonFiniteError before the update is applied (in fp32 / bf16). With the fp16
+        loss scaler an overflow skips the update instead (counted); more than train.max_skipped_steps skips in
+        a row raise NonFiniteError."""
         t, acc = self.config.train, self.accelerator
         cfg = self.unwrapped.cfg
         gen = self.step_generators(self.step)
@@ -255,20 +494,56 @@ class Trainer:
                 logits = self.model(batch.input_ids, batch.class_ids)
                 loss = masked_token_loss(logits, batch, t.label_smoothing) / t.grad_accum
             acc.backward(loss)
-            total_loss += loss.detach()
+            total_loss += loss.detach().float()
             masked += float(batch.mask.float().mean()) / t.grad_accum
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if acc.sync_gradients and t.grad_clip > 0:
-            grad_norm = acc.clip_grad_norm_(params, t.grad_clip)
+        scaler = self.scaler
+        if scaler is not None:
+            scaler.unscale_(getattr(self.optimizer, "optimizer", self.optimizer))  # norms of the true gradients
+        if t.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         else:
-            grad_norm = torch.norm(torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None]))
-        self.optimizer.step()
+            norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+            grad_norm = torch.norm(torch.stack(norms)) if norms else torch.zeros((), device=acc.device)
+        # one collective: every process sees the same averaged loss and norm (NaN/inf anywhere spreads), so
+        # all of them take the same decision
+        checked = acc.reduce(torch.stack([total_loss.float(), grad_norm.detach().float().to(acc.device)]),
+                             reduction="mean")
+        loss_value, norm_value = float(checked[0]), float(checked[1])
+        bad = [what for what, v in (("loss", loss_value), ("gradient norm", norm_value)) if not math.isfinite(v)]
+        step = self.step + 1
+        skipped = False
+        if scaler is None:
+            if bad:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteError(
+                    f"step {step}: non-finite {' and '.join(bad)} (loss {loss_value}, gradient norm {norm_value}); "
+                    f"stopped before applying the update. {self.last_checkpoint_hint()}")
+            self.optimizer.step()
+        else:
+            self.optimizer.step()  # the loss scaler skips the update when the gradients overflowed
+            skipped = bool(self.optimizer.step_was_skipped)
+            if bad and not skipped:
+                raise NonFiniteError(f"step {step}: non-finite {' and '.join(bad)} (loss {loss_value}) and the "
+                                     f"fp16 loss scaler did not skip the update. {self.last_checkpoint_hint()}")
         self.optimizer.zero_grad(set_to_none=True)
-        self.update_ema()
-        self.step += 1
-        loss = acc.reduce(total_loss, reduction="mean")
-        return {"step": self.step, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
-                "masked_ratio": masked}
+        if skipped:
+            self.skipped_total += 1
+            self.skipped_run += 1
+            self.log(f"step {step}: the fp16 loss scaler skipped the update (gradient overflow; scale now "
+                     f"{scaler.get_scale():.3g}; {self.skipped_run} in a row, {self.skipped_total} in all)")
+            if self.skipped_run > t.max_skipped_steps:
+                raise NonFiniteError(
+                    f"step {step}: the fp16 loss scaler skipped {self.skipped_run} steps in a row (non-finite "
+                    f"gradients at every scale down to {scaler.get_scale():.3g}); more than "
+                    f"train.max_skipped_steps = {t.max_skipped_steps}, so the run is diverging. "
+                    f"{self.last_checkpoint_hint()}")
+        else:
+            self.skipped_run = 0
+            self.update_ema()
+        self.step = step
+        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": norm_value, "masked_ratio": masked,
+                "skipped_steps": self.skipped_total}
 
     @torch.no_grad()
     def update_ema(self):
@@ -279,21 +554,30 @@ class Trainer:
 
     # --- loop
 
-    def write_run_files(self):
+    def write_run_files(self, start_step: int):
+        """Rank 0: the config of this segment (config.json for a run starting at step 0, else
+        config_resume_<step>.json next to the earlier ones), and the logs cut back to `start_step`."""
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(config_to_dict(self.config), indent=2)
-            atomic_write(self.run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
+            name = "config.json" if start_step == 0 else f"config_resume_{start_step:07d}.json"
+            atomic_write_json(self.run_dir / name, config_to_dict(self.config))
+            for log_file in LOG_FILES:
+                truncate_csv(self.run_dir / log_file, start_step)
+        self.accelerator.wait_for_everyone()
 
     def append_log(self, row):
         if self.accelerator.is_main_process:
             append_csv(self.run_dir / "log.csv", row)
 
     def fit(self, stop_after=None, eval_fn=None, crash_after_step=None):
-        """Trains to train.n_steps (or `stop_after` steps in this call); checkpoints and exports EMA."""
+        """Trains to train.n_steps (or `stop_after` steps in this call); checkpoints and exports EMA.
+
+        Raises NonFiniteError at the first non-finite loss / gradient norm / weight (nothing non-finite is
+        written), BadInput when the checkpoint to resume from was made with another config.
+        """
         t, acc = self.config.train, self.accelerator
-        self.write_run_files()
-        self.resume()
+        start = self.resume()
+        self.write_run_files(start)
         n_params = sum(p.numel() for n, p in self.unwrapped.named_parameters() if n in self.trained_set)
         self.log(f"mode {t.mode}: training {n_params:,} parameters ({len(self.trained_names)} tensors); "
                  f"global batch {t.batch_size} = {self.world} processes x {t.grad_accum} accumulation x "
@@ -301,29 +585,31 @@ class Trainer:
         end = t.n_steps if stop_after is None else min(t.n_steps, self.step + stop_after)
         bar = tqdm(total=t.n_steps, initial=self.step, disable=not acc.is_main_process, desc=self.config.run_name)
         tokens_per_step = t.batch_size * self.unwrapped.cfg.seq_len
-        tick = time.time()
-        while self.step < end:
-            stats = self.train_step()
-            bar.update(1)
-            if self.step % t.log_interval == 0 or self.step == end:
-                now = time.time()
-                steps = t.log_interval if self.step % t.log_interval == 0 else (self.step % t.log_interval)
-                stats["tokens_per_s"] = tokens_per_step * steps / max(now - tick, 1e-9)
-                tick = now
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
-                self.append_log(stats)
-            if self.step % t.save_interval == 0 or self.step == t.n_steps:
-                self.save_checkpoint()
-            if crash_after_step is not None and self.step == crash_after_step:
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook: a hard kill, nothing cleaned up
-            if eval_fn is not None and t.fid_interval > 0 and self.step % t.fid_interval == 0:
-                eval_fn(self)
-        bar.close()
+        tick, tick_step = time.time(), self.step
+        try:
+            while self.step < end:
+                stats = self.train_step()
+                bar.update(1)
+                # rows at fixed steps only, so a resumed run logs exactly the rows of an uninterrupted one
+                if self.step % t.log_interval == 0 or self.step == t.n_steps:
+                    now = time.time()
+                    stats["tokens_per_s"] = tokens_per_step * (self.step - tick_step) / max(now - tick, 1e-9)
+                    tick, tick_step = now, self.step
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
+                    self.append_log(stats)
+                if self.step % t.save_interval == 0 or self.step == t.n_steps:
+                    self.save_checkpoint()
+                if crash_after_step is not None and self.step == crash_after_step:
+                    os.kill(os.getpid(), signal.SIGKILL)  # test hook: a hard kill, nothing cleaned up
+                if eval_fn is not None and t.fid_interval > 0 and self.step % t.fid_interval == 0:
+                    eval_fn(self)
+        finally:
+            bar.close()
         if self.step >= t.n_steps:
+            self.check_finite_weights("model_ema.pth")
             if acc.is_main_process:
                 path = self.run_dir / "model_ema.pth"
                 atomic_torch_save(self.export_ema(), path)
                 self.log(f"wrote EMA weights {path}")
         acc.wait_for_everyone()
         return self.step
-

@@ -1,0 +1,67 @@
+"""Command-line helpers of the entry scripts: argument errors as one-line user errors, early output checks.
+
+A flag error (unknown option, bad value, unknown --config.* key) ends with one line `error: ...` on stderr and
+exit status 2, like the user errors `libs.errors.run_main` reports; a missing --config file is MissingInput.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from libs.config import parse_args_with_config
+from libs.errors import BadInput, MissingInput, one_line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors print one line `error: <prog>: <message>` (no usage block) and exit with status 2."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {one_line(message)} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_with_config(parser, default_config: str, argv=None):
+    """libs.config.parse_args_with_config with a missing --config file as MissingInput."""
+    try:
+        return parse_args_with_config(parser, default_config, argv)
+    except FileNotFoundError as e:
+        if isinstance(e, MissingInput):
+            raise
+        raise MissingInput(str(e)) from e
+
+
+def _probe_folder(folder: Path, what: str):
+    """Creates `folder` if needed and checks that a file can be created in it (BadInput if not)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise BadInput(f"cannot write {what}: {folder} exists and is not a folder") from e
+    except OSError as e:
+        raise BadInput(f"cannot write {what}: cannot create the folder {folder} "
+                       f"({e.strerror or type(e).__name__})") from e
+    if not folder.is_dir():
+        raise BadInput(f"cannot write {what}: {folder} is not a folder")
+    probe = folder / f".write_probe.{os.getpid()}.tmp"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"0")
+    except OSError as e:
+        raise BadInput(f"cannot write {what}: the folder {folder} is not writable "
+                       f"({e.strerror or type(e).__name__})") from e
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+def check_writable(*paths, folders=()):
+    """Checks, before any expensive work, that each file in `paths` can be written (its folder exists or can be
+    made and accepts new files; the path itself is not a folder) and that each of `folders` can hold files."""
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            raise BadInput(f"cannot write {path}: it is a folder")
+        _probe_folder(path.parent, str(path))
+    for folder in folders:
+        _probe_folder(Path(folder), f"into {folder}")
