@@ -39,7 +39,8 @@ def periodic_fid(trainer, batch_size=50, seed=0, extractor=None):
         for s in range(0, t.fid_samples, batch_size):
             idx = np.arange(s, min(s + batch_size, t.fid_samples))
             cls = torch.as_tensor(labels[idx], device=device)
-            images.append(sample_images(model, tokenizer, cls, schedule, index_generators(idx, seed, device)))
+            images.append(sample_images(model, tokenizer, cls, schedule, index_generators(idx, seed, device),
+                                        pixels=config.sample.pixels))
         extractor = extractor or load_feature_extractor(device=device)
         ref = load_reference_stats(t.fid_ref_stats)  # mu/sigma only: FID, no precision/recall here
         result = compute_metrics(np.concatenate(images), ref, extractor, num_expected=t.fid_samples,
