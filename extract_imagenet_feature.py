@@ -16,10 +16,11 @@ import sys
 
 import torch
 
-from libs.cli import ArgumentParser, parse_with_config
+from libs.cli import ArgumentParser, run_main
+from libs.config import parse_args_with_config
 from libs.data.tokens import StopRequested, extract_token_dataset
 from libs.distributed import Distributed
-from libs.errors import BadInput, UserError, one_line, run_main
+from libs.errors import BadInput, UserError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Parses flags, tokenizes the split, returns a process exit status (2 after a one-line user error)."""
     try:
-        args, config = parse_with_config(build_parser(), "configs/ka_mig_l.py", argv)
+        args, config = parse_args_with_config(build_parser(), "configs/ka_mig_l.py", argv)
         for flag in ("batch_size", "chunk_size"):
             if getattr(args, flag) < 1:
                 raise BadInput(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")

@@ -5,10 +5,11 @@
 Each sample index has its own seed, so an interrupted run resumed later gives the same images. Before the
 first sample the run checks its inputs (reference statistics: keys, shapes, 2048-d, finite values; every
 output path writable) and writes --out/fingerprint.json: everything that determines the samples (model,
-checkpoint / tokenizer / graph hashes, schedule, seed, labels, count, precision, CPU kernels, pixel
-quantisation, configs, sampler version). Rerunning into the same --out resumes only when that fingerprint
-is the same; otherwise it stops and names the differing fields (--overwrite deletes the old samples and
-starts fresh). samples.npz holds the images (arr_0), the label of each (labels) and the fingerprint;
+checkpoint / tokenizer / graph hashes, schedule, seed, labels, count, precision, CPU kernels, compilation,
+pixel quantisation, configs, sampler version). The decoding strategy comes from the config, a --strategy
+file (e.g. one written by `python -m libs.sampling.strategy_search`) and the schedule flags, in that order.
+Rerunning into the same --out resumes only when that fingerprint is the same; otherwise it stops and names
+the differing fields (--overwrite deletes the old samples and starts fresh). samples.npz holds the images (arr_0), the label of each (labels) and the fingerprint;
 metrics.json repeats the fingerprint. A user error ends with one line `error: ...`, exit status 2.
 """
 import argparse
@@ -22,15 +23,17 @@ from tqdm import tqdm
 
 from libs.atomic_io import atomic_savez, atomic_write_json
 from libs.checkpoint import require_file
-from libs.cli import ArgumentParser, check_writable, parse_with_config
+from libs.cli import ArgumentParser, check_writable, run_main
+from libs.config import parse_args_with_config
 from libs.data.images import UnreadableImage, read_rgb
 from libs.distributed import Distributed
-from libs.errors import BadInput, UserError, run_main
+from libs.errors import BadInput, UserError
 from libs.evaluation.fid_stats import compute_metrics, load_reference_stats
 from libs.evaluation.inception import CONVERTED_CACHE, FEATURE_DIM, load_feature_extractor
 from libs.models.factory import DEFAULT_CHECKPOINTS, load_tokenizer_and_model
-from libs.sampling.generation import (add_sampling_flags, check_inputs, class_labels, index_generators,
-                                      pick_device, png_ok, sample_images, save_png, schedule_from_flags)
+from libs.sampling.generation import (add_sampling_flags, check_inputs, class_labels, compile_token_model,
+                                      index_generators, pick_device, png_ok, sample_images, save_png, schedule_args,
+                                      schedule_from_flags)
 from libs.sampling.provenance import claim_folder_all_ranks, input_files, sampling_fingerprint
 
 
@@ -67,7 +70,7 @@ def output_paths(out: Path) -> dict:
 
 def main(argv=None):
     """Checks inputs and outputs, then samples (see the module docstring)."""
-    args, config = parse_with_config(build_parser(), "configs/ka_mig_l.py", argv)
+    args, config = parse_args_with_config(build_parser(), "configs/ka_mig_l.py", argv)
     if args.num < 1:
         raise BadInput(f"--num-samples must be at least 1, got {args.num}")
     pixels = check_inputs(args, config)
@@ -96,20 +99,25 @@ def run(args, config, dist, checkpoint, pixels, paths):
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     sample_dir = paths["samples"]
-    schedule = schedule_from_flags(config, args.schedule, args.steps, args.cfg, args.temp)
+    schedule = schedule_from_flags(config, args.schedule, args.steps, args.cfg, args.temp, **schedule_args(args))
     tokenizer, model = load_tokenizer_and_model(config, args.model, checkpoint, device,
                                                 cpu_kernels=args.cpu_kernels)
+    if args.compile:
+        compile_token_model(model)
     labels = class_labels(args.num, config.model.num_classes, args.labels, args.seed)
     fingerprint = None
     if dist.is_main:
         fingerprint = sampling_fingerprint(config, kind=args.model, checkpoint=checkpoint, schedule=schedule,
                                            seed=args.seed, label_mode=args.labels, labels=labels,
                                            precision=args.precision, cpu_kernels=args.cpu_kernels, pixels=pixels,
-                                           device=device)
+                                           device=device, compile=args.compile)
     fingerprint = dist.broadcast(fingerprint)
+    files = input_files(config, args.model, checkpoint)
+    if args.strategy:
+        files["strategy"] = str(args.strategy)
     status = claim_folder_all_ranks(dist, paths["samples"].parent, fingerprint,
                                     [paths["samples"], paths["npz"], paths["metrics"]], overwrite=args.overwrite,
-                                    files=input_files(config, args.model, checkpoint))
+                                    files=files)
     batches = [np.arange(s, min(s + args.batch_size, args.num)) for s in range(0, args.num, args.batch_size)]
     mine = batches[dist.rank::dist.world]  # fixed global batches, round robin over ranks
     todo = [b for b in mine if not all(png_ok(sample_dir / f"{i:06d}.png") for i in b)]

@@ -13,9 +13,10 @@ import argparse
 import os
 import sys
 
+from libs.cli import run_main
 from libs.config import parse_args_with_config
 from libs.data.tokens import load_tokens
-from libs.errors import BadInput, MissingInput, UserError, one_line, run_main
+from libs.errors import BadInput, MissingInput, UserError, one_line
 from libs.training.periodic_fid import periodic_fid
 from libs.training.trainer import NonFiniteError, Trainer
 

@@ -20,4 +20,9 @@ def get_config():
     c.steps = 8
     c.cfg_scale = 3.0
     c.temp = 4.5
+    c.guidance_schedule = "linear"  # guidance per step: 'constant', 'linear' (0 -> cfg_scale) or 'pow-cosine'
+    c.guidance_power = 1.0          # pow-cosine: cfg_scale * (1 - cos(pi * (t/(T-1))**power)) / 2
+    # both schedules
+    c.guidance_steps = "all"        # steps where guidance applies ('all', or indices/ranges '4-7'); 0 elsewhere
+    c.order = "confidence"          # re-mask the least confident tokens, or 'halton': a fixed grid order
     return c

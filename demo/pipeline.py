@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from libs.atomic_io import atomic_write, atomic_write_json, atomic_write_text
+from libs.checkpoint import file_sha256
 from libs.config import apply_override, load_config_file, split_overrides
 from libs.data.images import list_image_folder
-from libs.data.tokens import file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_FILE = "vqgan_demo.pth"

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from libs.cli import ArgumentParser, check_writable, parse_with_config
+from libs.cli import ArgumentParser, check_writable, run_main
+from libs.config import parse_args_with_config
 from libs.data.tokens import load_tokens
-from libs.errors import BadInput, UserError, run_main
+from libs.errors import BadInput, UserError
 from libs.graphs import recipes as G
 from libs.graphs.files import GRAPH_FILES, sample_tokens, save_edge_graph, save_incompatibility, save_sample_tokens
 
@@ -58,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--num-threads", type=int, default=None, help="counting threads (default: CPU count, max 4)")
     p.add_argument("--write-sample-tokens", action="store_true",
                    help="also write the sample as a train_img_50K_token.pkl-style dict (paper notebooks)")
-    args, config = parse_with_config(p, "configs/ka_mig_l.py", argv)
+    args, config = parse_args_with_config(p, "configs/ka_mig_l.py", argv)
     for key in RECIPE_FLAGS:  # a flag overrides the config's recipe
         if getattr(args, key) is None:
             setattr(args, key, config.graph.recipe[key])

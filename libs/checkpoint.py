@@ -1,4 +1,5 @@
-"""Checkpoint loading: strict state-dict loading with readable errors, and the published assets' names."""
+"""Checkpoint loading: strict state-dict loading with readable errors, the published assets' names, file hashes."""
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -36,6 +37,15 @@ def require_file(path) -> Path:
     if not path.is_file():
         raise MissingAssetError(missing_asset_message(path))
     return path
+
+
+def file_sha256(path, block=1 << 20) -> str:
+    """Hex sha256 of a file's content (checkpoints, assets), read in blocks; computed anew on every call."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for data in iter(lambda: f.read(block), b""):
+            h.update(data)
+    return h.hexdigest()
 
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile

@@ -1,15 +1,14 @@
-"""Command-line helpers of the entry scripts: argument errors as one-line user errors, early output checks.
+"""Command-line helpers of the entry scripts: one-line user errors, flag errors, early output checks.
 
-A flag error (unknown option, bad value, unknown --config.* key) ends with one line `error: ...` on stderr and
-exit status 2, like the user errors `libs.errors.run_main` reports; a missing --config file is MissingInput.
+`run_main(main)` ends a user error (libs.errors) with one line `error: ...` on stderr and exit status 2; a flag
+error (unknown option, bad value, unknown --config.* key) of `ArgumentParser` does the same.
 """
 import argparse
 import os
 import sys
 from pathlib import Path
 
-from libs.config import parse_args_with_config
-from libs.errors import BadInput, MissingInput, one_line
+from libs.errors import BadInput, UserError, one_line
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -18,16 +17,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {self.prog}: {one_line(message)} (see --help)", file=sys.stderr)
         sys.exit(2)
-
-
-def parse_with_config(parser, default_config: str, argv=None):
-    """libs.config.parse_args_with_config with a missing --config file as MissingInput."""
-    try:
-        return parse_args_with_config(parser, default_config, argv)
-    except FileNotFoundError as e:
-        if isinstance(e, MissingInput):
-            raise
-        raise MissingInput(str(e)) from e
 
 
 def _probe_folder(folder: Path, what: str):
@@ -65,3 +54,13 @@ def check_writable(*paths, folders=()):
         _probe_folder(path.parent, str(path))
     for folder in folders:
         _probe_folder(Path(folder), f"into {folder}")
+
+
+def run_main(main, argv=None):
+    """sys.exit(main(argv)); a UserError ends with one line `error: ...` on stderr and exit status 2."""
+    try:
+        status = main(argv)
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status if isinstance(status, int) else 0)

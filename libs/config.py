@@ -7,6 +7,8 @@ from pathlib import Path
 
 import ml_collections
 
+from libs.errors import MissingInput
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -16,7 +18,7 @@ def load_config_file(path) -> ml_collections.ConfigDict:
     if not path.is_file() and (REPO_ROOT / path).is_file():
         path = REPO_ROOT / path
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise MissingInput(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

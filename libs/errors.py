@@ -2,10 +2,9 @@
 
 Loaders raise `MissingInput` (a file that is not there) or `BadInput` (a file, flag or size that is wrong);
 they subclass FileNotFoundError / ValueError so callers that catch those keep working. Anything else is a
-bug and keeps its traceback. `run_main` is the wrapper every entry script's `__main__` uses.
+bug and keeps its traceback: `libs.cli.run_main`, the wrapper of every entry script's `__main__`, reports
+only these.
 """
-import sys
-
 
 class UserError(Exception):
     """A problem with the user's input, reported as `error: <message>` without a traceback."""
@@ -26,13 +25,3 @@ class DiskFull(UserError, OSError):
 def one_line(error: BaseException) -> str:
     """The error's message on one line: its lines joined with '; '."""
     return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-
-
-def run_main(main, argv=None):
-    """sys.exit(main(argv)); a UserError ends with one line `error: ...` on stderr and exit status 2."""
-    try:
-        status = main(argv)
-    except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(status if isinstance(status, int) else 0)

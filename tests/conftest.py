@@ -1,4 +1,4 @@
-"""Shared fixtures: the offline FID Inception network, converted once per session into a tmp cache."""
+"""Shared fixtures: the offline FID Inception network (converted once per session) and tiny sampling assets."""
 import os
 
 import pytest
@@ -26,3 +26,25 @@ def use_fid_extractor(fid_extractor, monkeypatch):
     from tests.helpers import patch_feature_extractor
     patch_feature_extractor(monkeypatch, lambda *a, **k: fid_extractor)
     return fid_extractor
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    """Tiny tokenizer, KA-MIG and backbone checkpoints plus graph files; returns config overrides."""
+    from libs.graphs.files import graph_paths, save_edge_graph, save_incompatibility
+    from tests.helpers import randomise_fusion, tiny_graphs, tiny_ka_mig, tiny_vqgan
+    root = tmp_path_factory.mktemp("assets")
+    torch.save({"state_dict": tiny_vqgan().state_dict()}, root / "vq.ckpt")
+    model, backbone = tiny_ka_mig()
+    randomise_fusion(model)
+    torch.save(model.state_dict(), root / "ka_mig.pth")
+    torch.save(backbone.state_dict(), root / "backbone.pth")
+    graphs = tiny_graphs()
+    paths = graph_paths(root / "graphs")
+    save_edge_graph(paths["co"], *graphs["co"], meta={"codebook_size": 32})
+    save_edge_graph(paths["sim"], *graphs["sim"], meta={"codebook_size": 32})
+    save_incompatibility(paths["incompat"], graphs["incompat"].numpy(),
+                         meta={"codebook_size": 32, "grid": 4, "num_classes": 4})
+    overrides = ["--config", "configs/tiny.py", f"--config.tokenizer.checkpoint={root / 'vq.ckpt'}",
+                 "--config.model.depth=4", f"--config.graph.dir={root / 'graphs'}"]
+    return root, overrides

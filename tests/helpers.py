@@ -1,14 +1,20 @@
 """Small builders shared by the tests, and the per-token KA-MIG arithmetic used as the oracle of the model."""
+import importlib.util
+import io
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from libs.checkpoint import load_strict
 from libs.models.autonat import AutoNAT, AutoNATConfig
 from libs.models.ka_mig import KAMIG, GraphConfig, conv1x1
 from libs.models.vqgan import VQGAN, VQGANConfig
 
+REPO = Path(__file__).resolve().parents[1]
 # copies of ../shared/compat (tensor manifests and the two released graph files), so CI needs nothing else
 COMPAT = Path(__file__).resolve().parent / "compat"
 OFFICIAL_GRAPHS = COMPAT / "official_graph_prior"
@@ -45,6 +51,120 @@ def patch_feature_extractor(monkeypatch, loader):
     from libs.training import periodic_fid
     for module in (inception, generate_npz, periodic_fid):
         monkeypatch.setattr(module, "load_feature_extractor", loader)
+
+
+def write_reference_stats(path, extractor, n=8, seed=0):
+    """Writes FID reference statistics of n seeded random 8x8 images to path and returns path."""
+    from libs.evaluation.fid_stats import compute_reference_stats, save_reference_stats
+    images = np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    save_reference_stats(path, compute_reference_stats(images, extractor, batch_size=8, progress=False))
+    return path
+
+
+# ----------------------------------------------------------------------------- image folders
+
+IMAGE_TREE_CLASSES = ["n01", "n02", "n03"]  # class folders of make_image_tree
+
+
+def random_rgb(rng, h, w):
+    """uint8 [h,w,3] noise."""
+    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def make_image_tree(root: Path):
+    """data/train/<class>/...: 9 readable images (sizes, modes L/RGBA/P vary), 2 corrupt files, 1 non-image."""
+    rng = np.random.default_rng(0)
+    train = root / "train"
+    for c in reversed(IMAGE_TREE_CLASSES):  # created out of order: labels must follow sorted names
+        (train / c).mkdir(parents=True)
+    Image.fromarray(random_rgb(rng, 20, 12)).save(train / "n01/a.JPEG", quality=95)
+    Image.fromarray(random_rgb(rng, 31, 15)).convert("RGBA").save(train / "n01/b.png")
+    Image.fromarray(random_rgb(rng, 9, 9)[..., 0], mode="L").save(train / "n01/c.jpg")  # grayscale
+    Image.fromarray(random_rgb(rng, 64, 40)).save(train / "n02/a.JPEG")
+    (train / "n02/broken.JPEG").write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    Image.fromarray(random_rgb(rng, 17, 33)).convert("P").save(train / "n02/c.png")  # palette
+    Image.fromarray(random_rgb(rng, 12, 12)).save(train / "n02/d.jpeg")
+    (train / "n02/notes.txt").write_text("not an image")
+    for name in ("a.JPEG", "b.JPEG", "c.JPEG"):
+        Image.fromarray(random_rgb(rng, 16, 24)).save(train / "n03" / name)
+    buf = io.BytesIO()
+    Image.fromarray(random_rgb(rng, 64, 64)).save(buf, format="JPEG")
+    (train / "n03/truncated.JPEG").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return root
+
+
+# ----------------------------------------------------------------------------- token datasets and graph CLI
+
+
+def write_random_token_dir(path, N=120, grid=4, K=40, C=5, seed=0):
+    """Writes a token dataset of N seeded uniform random rows (K codes, C classes) to path; returns (tokens, labels)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, K, size=(N, grid * grid)).astype(np.uint16)
+    labels = rng.integers(0, C, size=N).astype(np.int64)
+    path.mkdir(parents=True)
+    np.save(path / "tokens.npy", tokens)
+    np.save(path / "labels.npy", labels)
+    meta = {"codebook_size": K, "grid": grid, "seq_len": grid * grid, "num_classes": C, "num_rows": N}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return tokens, labels
+
+
+def load_build_graphs_cli():
+    """graph_construction/build_graphs.py imported as a module (nothing may run at import)."""
+    spec = importlib.util.spec_from_file_location("build_graphs", REPO / "graph_construction" / "build_graphs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # nothing may run at import
+    return module
+
+
+# ----------------------------------------------------------------------------- tiny training runs
+
+
+def synthetic_tokens(n=512, seed=0):
+    """Class c uses codes 8c..8c+7, and position p prefers (p mod 8): learnable structure."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    noise = rng.integers(0, 8, (n, 16))
+    pattern = np.arange(16) % 8
+    tokens = np.where(rng.random((n, 16)) < 0.7, pattern, noise) + labels[:, None] * 8
+    return tokens.astype(np.uint16), labels.astype(np.int64)
+
+
+def write_training_token_dir(path, n=512):
+    """Writes n rows of synthetic_tokens as a full token dataset (configs/tiny.py sizes) to path; returns path."""
+    tokens, labels = synthetic_tokens(n)
+    path.mkdir(parents=True)
+    np.save(path / "tokens.npy", tokens)
+    np.save(path / "labels.npy", labels)
+    meta = dict(codebook_size=32, grid=4, seq_len=16, num_classes=4, resolution=8, class_names=list("abcd"),
+                num_images=n, rows_per_image=1, skipped=[])
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def tiny_config(tmp_path, mode="pretrain", **train):
+    """configs/tiny.py writing under tmp_path/out, in the given training mode, with train.* overrides."""
+    from configs import tiny
+    config = tiny.get_config()
+    config.output_dir = str(tmp_path / "out")
+    config.train.mode = mode
+    config.train.log_interval = 1000
+    for k, v in train.items():
+        config.train[k] = v
+    return config
+
+
+def ka_mig_trainer(tmp_path, **train):
+    """(ka_mig-mode Trainer on synthetic_tokens and tiny_graphs, the 2-block backbone it starts from)."""
+    from libs.training.trainer import Trainer
+    config = tiny_config(tmp_path, "ka_mig", **train)
+    backbone = tiny_backbone(depth=2)
+    path = tmp_path / "backbone.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(backbone.state_dict(), path)
+    config.train.init_checkpoint = str(path)
+    tokens, labels = synthetic_tokens()
+    return Trainer(config, tokens, labels, graphs=tiny_graphs()), backbone
 
 
 # ----------------------------------------------------------------------------- tiny KA-MIG

@@ -64,8 +64,7 @@ def results(tmp_path_factory):
     (root / "damaged.npy").write_bytes(b"\x93NUMPY garbage that is not an array")
     (root / "data" / "train" / "a").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "data" / "train" / "a" / "x.png")
-    env = dict(os.environ, OMP_NUM_THREADS="1", KA_MIG_HASH_CACHE=str(root / "hash_cache.json"),
-               PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     procs = {name: subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
              for name, argv in cases(root).items()}

@@ -148,8 +148,7 @@ def test_train_tokenizer_entry_is_seeded(tmp_path, one_thread):
 
 def test_committed_demo_weights_load_and_are_small():
     from configs import demo
-    from libs.checkpoint import load_state_dict_file, load_strict
-    from libs.data.tokens import file_sha256
+    from libs.checkpoint import file_sha256, load_state_dict_file, load_strict
     from libs.models.autonat import AutoNAT
     from libs.models.factory import backbone_config, load_tokenizer
     config = demo.get_config()
@@ -236,8 +235,7 @@ def test_make_assets_recipe_smoke(tmp_path):
     from configs import demo_smoke
     from libs.models.autonat import AutoNAT
     from libs.models.factory import backbone_config
-    from libs.checkpoint import load_state_dict_file, load_strict
-    from libs.data.tokens import file_sha256
+    from libs.checkpoint import file_sha256, load_state_dict_file, load_strict
     from libs.models.factory import load_tokenizer
     assets = tmp_path / "assets"
     proc = subprocess.run([sys.executable, "-m", "demo.make_assets", "--config", "configs/demo_smoke.py",

@@ -6,39 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from libs.graphs.files import graph_paths, save_edge_graph, save_incompatibility
-from tests.helpers import patch_feature_extractor, randomise_fusion, tiny_graphs, tiny_ka_mig, tiny_vqgan
+from tests.helpers import patch_feature_extractor, write_reference_stats
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def private_hash_cache(tmp_path, monkeypatch):
-    """Checkpoint hashes are cached in a temp file, never in the user's ~/.cache (subprocesses inherit it)."""
-    monkeypatch.setenv("KA_MIG_HASH_CACHE", str(tmp_path / "sha256_cache.json"))
-
-
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory):
-    """Tiny tokenizer, KA-MIG and backbone checkpoints plus graph files; returns config overrides."""
-    root = tmp_path_factory.mktemp("assets")
-    torch.save({"state_dict": tiny_vqgan().state_dict()}, root / "vq.ckpt")
-    model, backbone = tiny_ka_mig()
-    randomise_fusion(model)
-    torch.save(model.state_dict(), root / "ka_mig.pth")
-    torch.save(backbone.state_dict(), root / "backbone.pth")
-    graphs = tiny_graphs()
-    paths = graph_paths(root / "graphs")
-    save_edge_graph(paths["co"], *graphs["co"], meta={"codebook_size": 32})
-    save_edge_graph(paths["sim"], *graphs["sim"], meta={"codebook_size": 32})
-    save_incompatibility(paths["incompat"], graphs["incompat"].numpy(),
-                         meta={"codebook_size": 32, "grid": 4, "num_classes": 4})
-    overrides = ["--config", "configs/tiny.py", f"--config.tokenizer.checkpoint={root / 'vq.ckpt'}",
-                 "--config.model.depth=4", f"--config.graph.dir={root / 'graphs'}"]
-    return root, overrides
 
 
 def test_generate_img_writes_pngs_and_grid(tiny_assets, tmp_path):
@@ -96,13 +68,6 @@ def test_generate_npz_two_processes_resume_is_byte_identical(tiny_assets, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for p in pngs:
         assert (tmp_path / "resumed" / "samples" / p.name).read_bytes() == p.read_bytes(), p.name
-
-
-def write_reference_stats(path, extractor, n=8, seed=0):
-    from libs.evaluation.fid_stats import compute_reference_stats, save_reference_stats
-    images = np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
-    save_reference_stats(path, compute_reference_stats(images, extractor, batch_size=8, progress=False))
-    return path
 
 
 def test_generate_npz_writes_metrics_and_refuses_bad_reference(tiny_assets, tmp_path, use_fid_extractor, monkeypatch):

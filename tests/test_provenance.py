@@ -13,12 +13,7 @@ from libs.config import load_config_file
 from libs.errors import BadInput, MissingInput
 from libs.sampling import generation, provenance
 from libs.sampling.generation import class_labels
-from tests.test_generate import tiny_assets, write_reference_stats  # noqa: F401 (fixture)
-
-
-@pytest.fixture(autouse=True)
-def private_hash_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KA_MIG_HASH_CACHE", str(tmp_path / "sha256_cache.json"))
+from tests.helpers import write_reference_stats
 
 
 def npz_args(root, overrides, out, *extra):
@@ -96,8 +91,8 @@ def test_every_setting_is_part_of_the_fingerprint(tiny_assets, tmp_path, change)
     assert diff, change
 
 
-def test_changed_checkpoint_or_graph_content_is_a_different_fingerprint(tiny_assets, tmp_path):
-    root, overrides = tiny_assets
+def fingerprint_inputs(root):
+    """(tiny config reading the tiny_assets under root, the other keyword arguments of sampling_fingerprint)."""
     cfg = load_config_file("configs/tiny.py")
     with cfg.unlocked():
         cfg.tokenizer.checkpoint = str(root / "vq.ckpt")
@@ -105,6 +100,12 @@ def test_changed_checkpoint_or_graph_content_is_a_different_fingerprint(tiny_ass
     schedule = generation.schedule_from_config(cfg.sample)
     kw = dict(kind="ka_mig", schedule=schedule, seed=0, label_mode="balanced", labels=np.arange(4),
               precision="fp32", cpu_kernels="default", pixels="truncate", device=torch.device("cpu"))
+    return cfg, kw
+
+
+def test_changed_checkpoint_or_graph_content_is_a_different_fingerprint(tiny_assets, tmp_path):
+    root, overrides = tiny_assets
+    cfg, kw = fingerprint_inputs(root)
     base = provenance.sampling_fingerprint(cfg, checkpoint=root / "ka_mig.pth", **kw)
     copy = tmp_path / "copy.pth"
     copy.write_bytes((root / "ka_mig.pth").read_bytes())
@@ -260,24 +261,21 @@ def test_generate_img_folder_is_deterministic_and_checked(tiny_assets, tmp_path,
     assert json.loads((run / "fingerprint.json").read_text())["fingerprint"]["pixels"] == "truncate"
 
 
-def test_file_hash_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "cache.json"
-    monkeypatch.setenv("KA_MIG_HASH_CACHE", str(cache))
-    f = tmp_path / "weights.bin"
-    f.write_bytes(b"a" * 1000)
-    first = provenance.file_sha256(f)
-    assert str(os.path.realpath(f)) in json.loads(cache.read_text())
-    real_open = open
-
-    def no_reads(path, *a, **k):
-        assert os.path.realpath(path) != os.path.realpath(f), "the cached file was read again"
-        return real_open(path, *a, **k)
-    with monkeypatch.context() as mp:
-        mp.setattr("builtins.open", no_reads)
-        assert provenance.file_sha256(f) == first
-    st = f.stat()
-    f.write_bytes(b"b" * 1000)  # same size; restore the mtime: the ctime still tells the change
-    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert provenance.file_sha256(f) != first
-    monkeypatch.setenv("KA_MIG_HASH_CACHE", "off")
-    assert provenance.hash_cache_path() is None and provenance.file_sha256(f) == provenance.file_sha256(f, cache=False)
+def test_checkpoint_rewritten_in_place_is_a_different_fingerprint(tiny_assets, tmp_path):
+    """Same path, inode, size and mtime, other content: the content decides (it is hashed on every run)."""
+    root, overrides = tiny_assets
+    cfg, kw = fingerprint_inputs(root)
+    ckpt = tmp_path / "ka_mig.pth"
+    ckpt.write_bytes((root / "ka_mig.pth").read_bytes())
+    first = provenance.sampling_fingerprint(cfg, checkpoint=ckpt, **kw)
+    assert provenance.sampling_fingerprint(cfg, checkpoint=ckpt, **kw) == first
+    st = ckpt.stat()
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    with open(ckpt, "r+b") as f:  # the same file, rewritten in place: same inode and size
+        f.write(data)
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime
+    now = ckpt.stat()
+    assert (now.st_ino, now.st_size, now.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    diff = provenance.fingerprint_diff(first, provenance.sampling_fingerprint(cfg, checkpoint=ckpt, **kw))
+    assert [d.split(":")[0] for d in diff] == ["checkpoint_sha256"]

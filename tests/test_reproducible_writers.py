@@ -14,8 +14,7 @@ from libs.config import load_config_file
 from libs.data.tokens import load_tokens
 from libs.models.factory import tokenizer_config
 from libs.models.vqgan import VQGAN
-from tests.test_graph_io import load_cli, write_token_dir
-from tests.test_tokenize import make_image_tree
+from tests.helpers import load_build_graphs_cli, make_image_tree, write_random_token_dir
 
 
 def tree_sha256(root: Path) -> dict:
@@ -82,8 +81,8 @@ def test_token_merge_on_a_full_disk_is_disk_full_without_temp_files(images_and_t
 
 
 def test_two_graph_builds_give_identical_bytes(tmp_path, monkeypatch):
-    cli = load_cli()
-    write_token_dir(tmp_path / "ds", N=80, grid=4, K=24, C=3)
+    cli = load_build_graphs_cli()
+    write_random_token_dir(tmp_path / "ds", N=80, grid=4, K=24, C=3)
     args = ["--tokens", str(tmp_path / "ds"), "--max-images", "50", "--seed", "1", "--write-sample-tokens",
             "--num-threads", "1"]
     cli.main(args + ["--out", str(tmp_path / "g1")])

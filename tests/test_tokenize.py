@@ -1,5 +1,4 @@
 """Tokenization: preprocessing, extract_imagenet_feature.py (skips, flips, resume, torchrun), loader."""
-import io
 import os
 import subprocess
 import sys
@@ -18,38 +17,11 @@ from libs.data.tokens import (MissingTokenDatasetError, TokenDatasetError, extra
                                 load_tokens, write_token_dataset)
 from libs.models.factory import tokenizer_config
 from libs.models.vqgan import VQGAN
+from tests.helpers import IMAGE_TREE_CLASSES as CLASSES, make_image_tree, random_rgb
 
 REPO = Path(__file__).resolve().parent.parent
-CLASSES = ["n01", "n02", "n03"]
 VALID = 9                 # 3 classes x 3 readable images
 BAD = {"n02/broken.JPEG", "n03/truncated.JPEG"}
-
-
-def random_rgb(rng, h, w):
-    """uint8 [h,w,3] noise."""
-    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-
-
-def make_image_tree(root: Path):
-    """data/train/<class>/...: 9 readable images (sizes, modes L/RGBA/P vary), 2 corrupt files, 1 non-image."""
-    rng = np.random.default_rng(0)
-    train = root / "train"
-    for c in reversed(CLASSES):  # created out of order: labels must follow sorted names
-        (train / c).mkdir(parents=True)
-    Image.fromarray(random_rgb(rng, 20, 12)).save(train / "n01/a.JPEG", quality=95)
-    Image.fromarray(random_rgb(rng, 31, 15)).convert("RGBA").save(train / "n01/b.png")
-    Image.fromarray(random_rgb(rng, 9, 9)[..., 0], mode="L").save(train / "n01/c.jpg")  # grayscale
-    Image.fromarray(random_rgb(rng, 64, 40)).save(train / "n02/a.JPEG")
-    (train / "n02/broken.JPEG").write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
-    Image.fromarray(random_rgb(rng, 17, 33)).convert("P").save(train / "n02/c.png")  # palette
-    Image.fromarray(random_rgb(rng, 12, 12)).save(train / "n02/d.jpeg")
-    (train / "n02/notes.txt").write_text("not an image")
-    for name in ("a.JPEG", "b.JPEG", "c.JPEG"):
-        Image.fromarray(random_rgb(rng, 16, 24)).save(train / "n03" / name)
-    buf = io.BytesIO()
-    Image.fromarray(random_rgb(rng, 64, 64)).save(buf, format="JPEG")
-    (train / "n03/truncated.JPEG").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    return root
 
 
 @pytest.fixture(scope="module")

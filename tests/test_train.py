@@ -8,56 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from configs import tiny
 from libs.models.ka_mig import GraphConfig, KAMIG
 from libs.checkpoint import load_state_dict_file, load_strict
 from libs.training.trainer import Trainer, init_model
-from tests.helpers import tiny_backbone, tiny_graphs
+from tests.helpers import (ka_mig_trainer, synthetic_tokens, tiny_config, tiny_graphs, tiny_vqgan,
+                           write_reference_stats, write_training_token_dir)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def synthetic_tokens(n=512, seed=0):
-    """Class c uses codes 8c..8c+7, and position p prefers (p mod 8): learnable structure."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, n)
-    noise = rng.integers(0, 8, (n, 16))
-    pattern = np.arange(16) % 8
-    tokens = np.where(rng.random((n, 16)) < 0.7, pattern, noise) + labels[:, None] * 8
-    return tokens.astype(np.uint16), labels.astype(np.int64)
-
-
-def write_token_dir(path, n=512):
-    import json
-    tokens, labels = synthetic_tokens(n)
-    path.mkdir(parents=True)
-    np.save(path / "tokens.npy", tokens)
-    np.save(path / "labels.npy", labels)
-    meta = dict(codebook_size=32, grid=4, seq_len=16, num_classes=4, resolution=8, class_names=list("abcd"),
-                num_images=n, rows_per_image=1, skipped=[])
-    (path / "meta.json").write_text(json.dumps(meta))
-    return path
-
-
-def tiny_config(tmp_path, mode="pretrain", **train):
-    config = tiny.get_config()
-    config.output_dir = str(tmp_path / "out")
-    config.train.mode = mode
-    config.train.log_interval = 1000
-    for k, v in train.items():
-        config.train[k] = v
-    return config
-
-
-def ka_mig_trainer(tmp_path, **train):
-    config = tiny_config(tmp_path, "ka_mig", **train)
-    backbone = tiny_backbone(depth=2)
-    path = tmp_path / "backbone.pth"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(backbone.state_dict(), path)
-    config.train.init_checkpoint = str(path)
-    tokens, labels = synthetic_tokens()
-    return Trainer(config, tokens, labels, graphs=tiny_graphs()), backbone
 
 
 def test_ka_mig_mode_trains_only_graph_modules_and_head(tmp_path):
@@ -141,7 +98,7 @@ def run_torchrun(tmp_path, data, out, extra=()):
 
 
 def test_two_process_torchrun_killed_and_resumed_matches_uninterrupted(tmp_path):
-    data = write_token_dir(tmp_path / "tokens")
+    data = write_training_token_dir(tmp_path / "tokens")
     full = run_torchrun(tmp_path, data, tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
     assert "2 processes" in full.stdout + full.stderr
@@ -162,8 +119,6 @@ def test_two_process_torchrun_killed_and_resumed_matches_uninterrupted(tmp_path)
 def test_periodic_fid_is_logged_and_never_stored_in_checkpoints(tmp_path, fid_extractor):
     import functools
     from libs.training.periodic_fid import periodic_fid
-    from tests.helpers import tiny_vqgan
-    from tests.test_generate import write_reference_stats
     torch.save(tiny_vqgan().state_dict(), tmp_path / "vq.ckpt")
     config = tiny_config(tmp_path, n_steps=2, save_interval=2, fid_interval=2, fid_samples=4)
     config.tokenizer.checkpoint = str(tmp_path / "vq.ckpt")

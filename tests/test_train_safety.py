@@ -8,11 +8,12 @@ import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
 import train_graph
-from libs.errors import BadInput, run_main
+from libs.cli import run_main
+from libs.errors import BadInput
 from libs.training import trainer as trainer_module
 from libs.training.trainer import (NonFiniteError, RESUME_MAY_CHANGE, Trainer, config_changes, list_checkpoints,
                                    prune_checkpoints)
-from tests.test_train import ka_mig_trainer, synthetic_tokens, tiny_config, write_token_dir
+from tests.helpers import ka_mig_trainer, synthetic_tokens, tiny_config, write_training_token_dir
 
 
 def pretrain_trainer(tmp_path, **train):
@@ -90,7 +91,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 
 def test_train_graph_exits_1_with_one_line_on_divergence_and_2_on_user_errors(tmp_path, monkeypatch, capsys):
-    data = write_token_dir(tmp_path / "tokens")
+    data = write_training_token_dir(tmp_path / "tokens")
     args = ["--config", "configs/tiny.py", f"--config.data.path={data}", f"--config.output_dir={tmp_path / 'out'}",
             "--config.train.n_steps=6", "--config.train.save_interval=3"]
     huge_lr_from(2, monkeypatch)

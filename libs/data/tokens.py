@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from libs.atomic_io import (atomic_save_npy, atomic_savez, atomic_write, atomic_write_json, clean_stale_temps,
                             is_disk_full, disk_full, preallocate)
-from libs.checkpoint import require_file
+from libs.checkpoint import file_sha256, require_file
 from libs.data.images import ImageFileDataset, collate_images, scan_image_folder
 from libs.distributed import Distributed
 from libs.errors import BadInput, MissingInput
@@ -51,15 +51,6 @@ class StopRequested(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- small I/O helpers
-
-
-def file_sha256(path, block=1 << 20) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for data in iter(lambda: f.read(block), b""):
-            h.update(data)
-    return h.hexdigest()
 
 
 def save_npy_atomic(path, array: np.ndarray):

@@ -20,9 +20,9 @@ import torch
 from tqdm import tqdm
 
 from libs.atomic_io import atomic_savez
-from libs.cli import ArgumentParser, check_writable
+from libs.cli import ArgumentParser, check_writable, run_main
 from libs.data.images import IMAGE_EXTENSIONS, UnreadableImage, list_image_files, read_rgb
-from libs.errors import BadInput, MissingInput, run_main
+from libs.errors import BadInput, MissingInput
 from libs.evaluation import metrics
 from libs.evaluation.inception import CONVERTED_CACHE, image_batch, load_feature_extractor
 

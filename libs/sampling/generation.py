@@ -8,11 +8,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from libs.atomic_io import atomic_write
-from libs.errors import BadInput
+from libs.errors import BadInput, UserError
 from libs.models.cpu_kernels import CPU_KERNELS
 from libs.models.factory import (DEFAULT_CHECKPOINTS, MODEL_KINDS, backbone_config, check_tokenizer_matches,
                                   tokenizer_config)
-from libs.sampling.decoding import generate, schedule_from_config
+from libs.sampling.decoding import GUIDANCE_SCHEDULES, ORDERS, generate, schedule_from_config
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # How decoded images in [0,1] become uint8 pixels (config.sample.pixels): "truncate" is (x * 255).to(uint8), as
@@ -58,15 +58,33 @@ def to_uint8(images: torch.Tensor, pixels: str = "truncate") -> torch.Tensor:
 
 @torch.no_grad()
 def sample_images(model, tokenizer, class_ids, schedule, generators, precision="fp32",
-                  pixels="truncate") -> np.ndarray:
-    """Class ids [B] -> uint8 images [B,H,W,3] (decoded tokens, quantised by `pixels` as they are saved)."""
+                  pixels="truncate", init_ids=None, known=None) -> np.ndarray:
+    """Class ids [B] -> uint8 images [B,H,W,3] (decoded tokens, quantised by `pixels` as they are saved).
+
+    With `init_ids` [B,L] (and optionally `known` [B,L]) only the unknown tokens are decoded (editing; see
+    libs.sampling.decoding.generate); without, every token is.
+    """
     device = class_ids.device
     dtype = PRECISIONS[precision]
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         ids = generate(model, class_ids, schedule, seq_len=model.cfg.seq_len, mask_token_id=model.mask_token_id,
-                       null_class_id=model.null_class_id, generator=generators)
+                       null_class_id=model.null_class_id, generator=generators, init_ids=init_ids, known=known)
     images = tokenizer.decode(ids).float()  # [B,3,H,W] in [0,1]
     return to_uint8(images, pixels).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def compile_token_model(sampler):
+    """torch.compile of the token model, in place, block by block: every transformer block and the head are
+    compiled (nn.Module.compile: the state_dict keeps its names); embeddings and the KA-MIG fusion gathers
+    stay eager. Works for a bare AutoNAT and for the FusionCache around a KA-MIG model. Returns `sampler`.
+
+    The model must use plain linear layers (--cpu-kernels default): inductor cannot lower oneDNN's fused op.
+    """
+    model = getattr(sampler, "model", sampler)  # FusionCache -> its KAMIG
+    for block in model.blocks:
+        block.compile()
+    model.mlm_layer.compile()
+    return sampler
 
 
 def save_png(path, image: np.ndarray):
@@ -110,41 +128,84 @@ def labelled_grid(images: np.ndarray, labels, names=None, columns=None) -> Image
     return grid
 
 
-def schedule_from_flags(config, schedule=None, steps=None, cfg_scale=None, temp=None):
-    """The config's sampling schedule, with optional --schedule/--steps/--cfg/--temp overrides.
+STRATEGY_KEYS = ("schedule", "ratios", "conf_temps", "sample_temps", "guidance", "steps", "cfg_scale", "temp",
+                 "guidance_schedule", "guidance_power", "guidance_steps", "order")  # what --strategy may set
+SAMPLE_DEFAULTS = {"guidance_schedule": "linear", "guidance_power": 1.0, "guidance_steps": "all",
+                   "order": "confidence"}  # keys configs written before them may lack
 
-    Bad values (steps < 1, a schedule of inconsistent lengths, an unknown schedule) raise BadInput.
+
+def load_strategy_file(path) -> dict:
+    """{key: value} of the decoding-strategy keys in a get_config() file (configs/autonat_t8_strategy.py or a
+    file written by `python -m libs.sampling.strategy_search`). Keys outside STRATEGY_KEYS (pixels, ...) are not
+    part of a strategy and are left out. MissingInput if the file is absent, BadInput if it holds no strategy."""
+    from libs.config import load_config_file  # noqa: PLC0415 - only the scripts need it
+    try:
+        cfg = load_config_file(path)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken Python file is the user's input
+        raise BadInput(f"--strategy {path}: cannot load its get_config() ({type(e).__name__}: {e})") from e
+    values = {k: cfg[k] for k in STRATEGY_KEYS if k in cfg}
+    if "schedule" not in values:
+        raise BadInput(f"--strategy {path}: get_config() has no 'schedule' key (autonat or maskgit)")
+    values = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in values.items()}
+    if isinstance(values.get("guidance_steps"), list):  # the config keeps it as text ('all' or '4,5,6')
+        values["guidance_steps"] = ",".join(str(int(s)) for s in values["guidance_steps"])
+    return values
+
+
+def schedule_from_flags(config, schedule=None, steps=None, cfg_scale=None, temp=None, *, strategy=None,
+                        guidance_schedule=None, guidance_power=None, guidance_steps=None, order=None):
+    """The config's sampling schedule, with an optional --strategy file, then the flag overrides
+    (--schedule/--steps/--cfg/--temp/--guidance-schedule/--guidance-power/--guidance-steps/--order).
+
+    config.sample is updated in place (so that it describes what is sampled). Bad values (steps < 1, a
+    schedule of inconsistent lengths, an unknown schedule, a guidance schedule asked for with the autonat
+    strategy, guidance steps outside the schedule) raise BadInput.
     """
     if steps is not None and steps < 1:
         raise BadInput(f"--steps must be at least 1, got {steps}")
     sample = config.sample
     with sample.unlocked():
-        if schedule:
-            sample.schedule = schedule
-        if steps is not None:
-            sample.steps = steps
-        if cfg_scale is not None:
-            sample.cfg_scale = cfg_scale
-        if temp is not None:
-            sample.temp = temp
+        for key, value in SAMPLE_DEFAULTS.items():
+            if key not in sample:
+                sample[key] = value
+        if strategy:
+            for key, value in load_strategy_file(strategy).items():
+                sample[key] = value
+        for key, value in (("schedule", schedule), ("steps", steps), ("cfg_scale", cfg_scale), ("temp", temp),
+                           ("guidance_schedule", guidance_schedule), ("guidance_power", guidance_power),
+                           ("guidance_steps", guidance_steps), ("order", order)):
+            if value is not None and value != "":
+                sample[key] = value
     if sample.schedule not in ("autonat", "maskgit"):
         raise BadInput(f"unknown schedule config.sample.schedule='{sample.schedule}' (autonat or maskgit)")
     if sample.schedule == "maskgit" and sample.steps < 1:
         raise BadInput(f"config.sample.steps must be at least 1, got {sample.steps}")
+    if sample.schedule == "autonat" and (guidance_schedule is not None or guidance_power is not None):
+        raise BadInput("--guidance-schedule / --guidance-power shape the maskgit schedule's guidance; the autonat "
+                       "strategy keeps its per-step guidance list (use --schedule maskgit, or --guidance-steps to "
+                       "switch guidance off at some steps)")
     try:
         return schedule_from_config(sample)
-    except ValueError as e:  # lengths of the schedule lists do not fit together
+    except ValueError as e:  # lengths of the schedule lists do not fit together, bad guidance or order values
         raise BadInput(f"config.sample: {e}") from e
 
 
 def check_inputs(args, config) -> str:
     """Flag and config checks shared by the sampling scripts, before any model is built; returns config.sample.pixels.
 
-    Bad values (batch size, pixel mode, no tokenizer checkpoint, a tokenizer that does not fit the backbone)
+    Resolves `args.cpu_kernels` (None: 'onednn', or 'default' with --compile). Bad values (batch size, pixel
+    mode, --compile with oneDNN kernels, no tokenizer checkpoint, a tokenizer that does not fit the backbone)
     raise BadInput.
     """
     if args.batch_size < 1:
         raise BadInput(f"--batch-size must be at least 1, got {args.batch_size}")
+    if getattr(args, "compile", False) and args.cpu_kernels == "onednn":
+        raise BadInput("--compile needs plain linear layers: drop --cpu-kernels onednn (with --compile the "
+                       "default is --cpu-kernels default; inductor makes its own CPU kernels)")
+    if args.cpu_kernels is None:
+        args.cpu_kernels = "default" if getattr(args, "compile", False) else "onednn"
     pixels = check_pixels(config.sample.get("pixels", "truncate"))
     if not config.tokenizer.checkpoint:
         raise BadInput("no tokenizer checkpoint: set --config.tokenizer.checkpoint=<file>")
@@ -165,9 +226,24 @@ def add_sampling_flags(parser):
                              "by --model)")
     parser.add_argument("--schedule", choices=["autonat", "maskgit"], default=None,
                         help="decoding schedule (default: the config's AutoNAT T=8 strategy)")
+    parser.add_argument("--strategy", default=None,
+                        help="a decoding strategy file with get_config() (configs/autonat_t8_strategy.py, or one written "
+                             "by python -m libs.sampling.strategy_search); replaces the config's schedule keys, "
+                             "the flags below still override it")
     parser.add_argument("--steps", type=int, default=None, help="maskgit schedule: number of steps T")
     parser.add_argument("--cfg", type=float, default=None, help="maskgit schedule: guidance scale")
     parser.add_argument("--temp", type=float, default=None, help="maskgit schedule: confidence temperature")
+    parser.add_argument("--guidance-schedule", choices=list(GUIDANCE_SCHEDULES), default=None,
+                        help="maskgit schedule: guidance per step: constant, linear (0 -> --cfg, the default) or "
+                             "pow-cosine (--cfg * (1 - cos(pi * (t/(T-1))^power)) / 2)")
+    parser.add_argument("--guidance-power", type=float, default=None,
+                        help="maskgit schedule, pow-cosine guidance: the power (default 1)")
+    parser.add_argument("--guidance-steps", default=None,
+                        help="steps where guidance applies, 0 elsewhere: 'all' (default) or indices / ranges "
+                             "('4-7', '0,2,5'); any schedule")
+    parser.add_argument("--order", choices=list(ORDERS), default=None,
+                        help="which masked tokens stay masked after a step: 'confidence' (default) or 'halton' "
+                             "(a fixed low-discrepancy order over the token grid, same counts per step)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=25)
     parser.add_argument("--overwrite", action="store_true",
@@ -176,9 +252,19 @@ def add_sampling_flags(parser):
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="autocast dtype of the token model (the tokenizer decodes in fp32)")
-    parser.add_argument("--cpu-kernels", choices=CPU_KERNELS, default="onednn",
-                        help="fp32 CPU inference: 'onednn' runs the backbone's linears through oneDNN with GELU fused "
-                             "(logits equal within 1e-5, faster on CPU); 'default' uses F.linear. No effect on GPU")
+    parser.add_argument("--cpu-kernels", choices=CPU_KERNELS, default=None,
+                        help="fp32 CPU inference: 'onednn' (the default without --compile) runs the backbone's linears "
+                             "through oneDNN with GELU fused (logits equal within 1e-5, faster on CPU); 'default' uses "
+                             "F.linear (the default with --compile). No effect on GPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the token model's blocks and head (off by default; the first batch "
+                             "pays the compilation, logits equal eager within about 1e-5)")
+
+
+def schedule_args(args) -> dict:
+    """The keyword arguments of schedule_from_flags given by the shared sampling flags."""
+    return dict(strategy=args.strategy, guidance_schedule=args.guidance_schedule,
+                guidance_power=args.guidance_power, guidance_steps=args.guidance_steps, order=args.order)
 
 
 def class_names_of(config) -> list:

@@ -12,79 +12,28 @@ tokenizer / graph config blocks. `files` only records where the inputs were foun
 
 A rerun into the same folder compares fingerprints before sampling: the same fingerprint resumes the run;
 another one stops with a one-line error listing the fields that differ (`--overwrite` deletes the old samples
-and the fingerprint first, or another output folder starts fresh). Hashes of large files are cached per
-file by (real path, size, mtime, ctime, inode) in `~/.cache/ka-mig/sha256.json` (`$KA_MIG_HASH_CACHE` sets
-another file; an empty value or 'off' disables the cache).
+and the fingerprint first, or another output folder starts fresh). Every input file is hashed on every run
+(no cache: about a second per GB), so a file rewritten in place is always seen.
 """
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from libs.atomic_io import atomic_write_json
+from libs.checkpoint import file_sha256
 from libs.config import config_to_dict
 from libs.errors import BadInput
 from libs.graphs.files import graph_paths
 
 SAMPLER_VERSION = 1  # bump when the arithmetic from (weights, settings) to pixels changes
 FINGERPRINT_FILE = "fingerprint.json"
-HASH_CACHE_ENV = "KA_MIG_HASH_CACHE"
-HASH_CACHE_ENTRIES = 512  # most recent files kept in the cache
 NOT_SAMPLING_KEYS = ("use_checkpoint",)  # config.model keys that change training memory, never samples
 
 
-# ----------------------------------------------------------------------------- file hashes
-
-
-def hash_cache_path():
-    """The sha256 cache file, or None when disabled through $KA_MIG_HASH_CACHE."""
-    value = os.environ.get(HASH_CACHE_ENV)
-    if value is not None:
-        return Path(value) if value.strip() and value.strip().lower() not in ("0", "off", "none") else None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ka-mig" / "sha256.json"
-
-
-def _read_cache(path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _stat_key(path) -> dict:
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
-
-
-def file_sha256(path, cache=True, block=1 << 20) -> str:
-    """Hex sha256 of a file's content; reused from the cache while the file's size and times are unchanged."""
-    real = os.path.realpath(path)
-    key = _stat_key(real)
-    cache_file = hash_cache_path() if cache else None
-    entries = _read_cache(cache_file) if cache_file else {}
-    hit = entries.get(real)
-    if isinstance(hit, dict) and all(hit.get(k) == v for k, v in key.items()) and isinstance(hit.get("sha256"), str):
-        return hit["sha256"]
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        for data in iter(lambda: f.read(block), b""):
-            h.update(data)
-    digest = h.hexdigest()
-    if cache_file:
-        entries.pop(real, None)
-        entries[real] = {**key, "sha256": digest}
-        while len(entries) > HASH_CACHE_ENTRIES:  # oldest insertions first
-            entries.pop(next(iter(entries)))
-        try:
-            atomic_write_json(cache_file, entries, indent=None, sort_keys=False)
-        except OSError:
-            pass  # a cache that cannot be written only costs time
-    return digest
+# ----------------------------------------------------------------------------- label hashes
 
 
 def labels_sha256(labels) -> str:
@@ -105,12 +54,23 @@ def schedule_record(config, schedule) -> dict:
               "ratio_dtype": str(schedule.ratio_dtype).replace("torch.", "")}
     if sample.schedule == "maskgit":
         record.update(steps=int(sample.steps), cfg_scale=float(sample.cfg_scale), temp=float(sample.temp))
+        # settings added later appear only when they differ from the behaviour before them, so that earlier
+        # fingerprints (and generate_img.py folder names) stay valid
+        kind = sample.get("guidance_schedule", "linear")
+        if kind != "linear":
+            record.update(guidance_schedule=kind, guidance_power=float(sample.get("guidance_power", 1.0)))
+    if str(sample.get("guidance_steps", "all")).strip().lower() != "all":
+        record["guidance_steps"] = str(sample.guidance_steps)
+    if getattr(schedule, "order", "confidence") != "confidence":
+        record["order"] = schedule.order
     return record
 
 
 def sampling_fingerprint(config, *, kind: str, checkpoint, schedule, seed: int, label_mode: str, labels,
-                         precision: str, cpu_kernels: str, pixels: str, device) -> dict:
-    """What decides a set of samples (see the module docstring); files are hashed (with the cache)."""
+                         precision: str, cpu_kernels: str, pixels: str, device, compile: bool = False) -> dict:
+    """What decides a set of samples (see the module docstring); every input file is hashed.
+
+    `compile` (torch.compile of the token model) is recorded only when on (`"compile": true`)."""
     graphs = None
     if kind == "ka_mig":
         paths = graph_paths(config.graph.dir)
@@ -138,6 +98,8 @@ def sampling_fingerprint(config, *, kind: str, checkpoint, schedule, seed: int, 
         "tokenizer_config": tokenizer_cfg,
         "graph_config": graph_cfg,
     }
+    if compile:
+        fingerprint["compile"] = True
     return json.loads(json.dumps(fingerprint))  # plain JSON values, as read back from the file
 
 

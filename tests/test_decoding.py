@@ -1,4 +1,5 @@
-"""NAT objective and sampler: masking law, schedules, determinism, batched guidance."""
+"""Decoding (libs/sampling/decoding.py) and the training objective (libs/training/objective.py): masking law,
+masked loss, schedules, determinism, batched guidance."""
 import json
 import math
 

@@ -1,5 +1,4 @@
 """Graph files: the released pickles (load, oracle for the recipe), lossless saving, G_p files, the CLI."""
-import importlib.util
 import json
 import os
 import pickle
@@ -14,8 +13,8 @@ import torch
 from libs.config import load_config_file
 from libs.graphs import recipes as G
 from libs.graphs.files import (load_edge_graph, load_incompatibility, meta_path, sample_tokens, save_edge_graph,
-                           save_incompatibility, save_sample_tokens)
-from tests.helpers import OFFICIAL_GRAPHS
+                                save_incompatibility, save_sample_tokens)
+from tests.helpers import OFFICIAL_GRAPHS, load_build_graphs_cli, write_random_token_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CO, SIM = "codebook_co_occurrence_norm_self_50.pkl", "codebook_replace_graph_norm_self.pkl"
@@ -180,28 +179,9 @@ def test_sample_tokens_dict_and_writer(tmp_path):
 # ----------------------------------------------------------------------------- CLI
 
 
-def write_token_dir(path, N=120, grid=4, K=40, C=5, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, K, size=(N, grid * grid)).astype(np.uint16)
-    labels = rng.integers(0, C, size=N).astype(np.int64)
-    path.mkdir(parents=True)
-    np.save(path / "tokens.npy", tokens)
-    np.save(path / "labels.npy", labels)
-    meta = {"codebook_size": K, "grid": grid, "seq_len": grid * grid, "num_classes": C, "num_rows": N}
-    (path / "meta.json").write_text(json.dumps(meta))
-    return tokens, labels
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("build_graphs", REPO / "graph_construction" / "build_graphs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # nothing may run at import
-    return module
-
-
 def test_cli_end_to_end_writes_every_file_with_metadata(tmp_path):
     pytest.importorskip("libs.data.tokens")
-    tokens, labels = write_token_dir(tmp_path / "ds")
+    tokens, labels = write_random_token_dir(tmp_path / "ds")
     out = tmp_path / "graph_prior"
     cmd = [sys.executable, "-m", "graph_construction.build_graphs", "--tokens", str(tmp_path / "ds"),
            "--out", str(out), "--max-images", "50", "--seed", "3", "--co-ratio", "0.2", "--write-sample-tokens"]
@@ -234,8 +214,8 @@ def test_cli_end_to_end_writes_every_file_with_metadata(tmp_path):
 
 def test_cli_one_graph_and_bad_flags(tmp_path, capsys):
     pytest.importorskip("libs.data.tokens")
-    cli = load_cli()
-    write_token_dir(tmp_path / "ds", N=30, grid=3, K=10, C=2)
+    cli = load_build_graphs_cli()
+    write_random_token_dir(tmp_path / "ds", N=30, grid=3, K=10, C=2)
     written = cli.main(["--tokens", str(tmp_path / "ds"), "--out", str(tmp_path / "o"), "--graphs", "sim",
                         "--num-threads", "1"])
     assert set(written) == {"sim"} and sorted(p.name for p in (tmp_path / "o").iterdir()) == [SIM, SIM + ".json"]
@@ -249,8 +229,8 @@ def test_cli_one_graph_and_bad_flags(tmp_path, capsys):
 
 def test_cli_recipe_flags_select_the_similarity_variants(tmp_path):
     pytest.importorskip("libs.data.tokens")
-    cli = load_cli()
-    tokens, _ = write_token_dir(tmp_path / "ds", N=60, grid=4, K=20, C=2)
+    cli = load_build_graphs_cli()
+    tokens, _ = write_random_token_dir(tmp_path / "ds", N=60, grid=4, K=20, C=2)
     hist = G.position_histograms(tokens.reshape(-1, 4, 4), 20)
     variants = {"default": ([], "divergence", False), "norm": (["--sim-frobenius-norm"], "divergence", True),
                 "distance": (["--sim-measure", "distance"], "distance", False),
@@ -271,8 +251,8 @@ def test_cli_recipe_flags_select_the_similarity_variants(tmp_path):
 
 def test_cli_reads_the_paper_token_format(tmp_path):
     pytest.importorskip("libs.data.tokens")
-    cli = load_cli()
-    tokens, labels = write_token_dir(tmp_path / "ds", N=40, grid=3, K=12, C=3)
+    cli = load_build_graphs_cli()
+    tokens, labels = write_random_token_dir(tmp_path / "ds", N=40, grid=3, K=12, C=3)
     np.save(tmp_path / "paper.npy", np.concatenate([labels[:, None], tokens.astype(np.int64)], 1))  # [N, 1+L]
     for src, out in ((tmp_path / "ds", "a"), (tmp_path / "paper.npy", "b")):
         cli.main(["--tokens", str(src), "--out", str(tmp_path / out), "--graphs", "incompat,co",
