@@ -15,15 +15,15 @@ share one. Rerunning the same command reuses the PNGs already there (only missin
 sampled) and rewrites the grid; a folder whose fingerprint.json differs is refused, and --overwrite deletes
 the old PNGs first. A user error ends with one line `error: ...`, exit status 2.
 
-Editing (--edit IMAGE --mask SPEC --class C): the image is preprocessed as for tokenization (centre crop to
+Editing (--edit IMAGE --mask MASK --class C): the image is preprocessed as for tokenization (centre crop to
 the tokenizer's resolution) and tokenized; tokens with any pixel inside the mask are regenerated under class C
-with the same decoding schedule, all others are kept. SPEC is a box `x0,y0,x1,y1` (pixels of the preprocessed
+with the same decoding schedule, all others are kept. MASK is a box `x0,y0,x1,y1` (pixels of the preprocessed
 image, x1/y1 exclusive), `outside:x0,y0,x1,y1` (outpainting), or a mask PNG of the preprocessed size (white =
 regenerate); see libs/sampling/editing.py. --class is required unless the model has a single class;
 --per-class N gives N variants (seeds as for sampling). Output: --out/edit_<model>_seed<seed>_<id>/ with
 <index>_edit_class<c>.png, input.png (preprocessed), mask.png (the mask as given), mask_tokens.png (the
 patches regenerated), strip.png (input | regenerated region greyed | edits) and fingerprint.json, which adds
-the input image's sha256, the mask spec (box, or the mask PNG's sha256) and the class to the fingerprint.
+the input image's sha256, the mask (box, or the mask PNG's sha256) and the class to the fingerprint.
 """
 import argparse
 from pathlib import Path
@@ -39,7 +39,7 @@ from libs.config import parse_args_with_config
 from libs.data.images import read_rgb
 from libs.errors import BadInput
 from libs.models.factory import DEFAULT_CHECKPOINTS, load_tokenizer_and_model, tokenizer_config
-from libs.sampling.editing import (edit_strip, encode_image, load_edit_image, mask_png, parse_mask_spec,
+from libs.sampling.editing import (edit_strip, encode_image, load_edit_image, mask_png, parse_mask,
                                    token_mask, token_mask_pixels)
 from libs.sampling.generation import (add_sampling_flags, check_inputs, class_names_of, compile_token_model,
                                       index_generators, labelled_grid, pick_device, png_ok, sample_images, save_png,
@@ -62,7 +62,7 @@ def build_parser():
                              "(edit_<model>_... with --edit)")
     parser.add_argument("--edit", default=None, metavar="IMAGE",
                         help="edit this image: regenerate the tokens under --mask, keep the others")
-    parser.add_argument("--mask", default=None, metavar="SPEC",
+    parser.add_argument("--mask", default=None, metavar="MASK",
                         help="with --edit: x0,y0,x1,y1 (box to regenerate, pixels of the preprocessed image), "
                              "outside:x0,y0,x1,y1 (outpainting) or a mask PNG of the preprocessed size (white = "
                              "regenerate)")
@@ -95,7 +95,8 @@ def sample_into(names, labels, batch_size: int, device, sample_batch) -> np.ndar
 
 
 def main(argv=None):
-    """Samples the grid, or the edits with --edit (resuming a folder of the same fingerprint); returns the run folder."""
+    """Samples the grid, or the edits with --edit (resuming a folder of the same fingerprint); returns the run
+    folder."""
     parser = build_parser()
     args, config = parse_args_with_config(parser, "configs/ka_mig_l.py", argv)
     num_classes = config.model.num_classes
@@ -170,7 +171,7 @@ def check_edit_inputs(args, config) -> dict:
     check_class_ids([cls], num_classes, "--class")
     tok = tokenizer_config(config.tokenizer)
     resolution, grid = tok.resolution, tok.grid_size
-    pixel_mask, mask_record = parse_mask_spec(args.mask, resolution)
+    pixel_mask, mask_record = parse_mask(args.mask, resolution)
     image = load_edit_image(args.edit, resolution)
     unknown = token_mask(pixel_mask, grid)
     record = {"image_sha256": file_sha256(args.edit), "mask": mask_record, "class": int(cls),

@@ -9,8 +9,9 @@ checkpoint / tokenizer / graph hashes, schedule, seed, labels, count, precision,
 pixel quantisation, configs, sampler version). The decoding strategy comes from the config, a --strategy
 file (e.g. one written by `python -m libs.sampling.strategy_search`) and the schedule flags, in that order.
 Rerunning into the same --out resumes only when that fingerprint is the same; otherwise it stops and names
-the differing fields (--overwrite deletes the old samples and starts fresh). samples.npz holds the images (arr_0), the label of each (labels) and the fingerprint;
-metrics.json repeats the fingerprint. A user error ends with one line `error: ...`, exit status 2.
+the differing fields (--overwrite deletes the old samples and starts fresh). samples.npz holds the images
+(arr_0), the label of each (labels) and the fingerprint; metrics.json repeats the fingerprint. A user error
+ends with one line `error: ...`, exit status 2.
 """
 import argparse
 import json

@@ -46,6 +46,7 @@ def get_config():
     t.weight_decay = 0.03
     t.warmup_steps = 5000
     t.grad_clip = 0.0               # max grad norm; 0 disables clipping
+    t.compile = False               # torch.compile the backbone's blocks (names and checkpoints unchanged)
     t.ema_rate = 0.9999
     t.mixed_precision = "fp16"      # 'no', 'fp16' or 'bf16' (ACCELERATE_MIXED_PRECISION overrides)
     t.max_skipped_steps = 25        # fp16 only: steps in a row the loss scaler may skip on gradient overflow

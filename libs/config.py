@@ -105,3 +105,14 @@ def parse_args_with_config(parser, default_config: str, argv=None):
 def config_to_dict(config) -> dict:
     """Plain JSON-able dict of a config (saved in run folders and checkpoints)."""
     return json.loads(config.to_json_best_effort())
+
+
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat

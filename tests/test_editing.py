@@ -1,4 +1,4 @@
-"""Editing: decoding only unknown tokens (inpainting / outpainting), mask specs, generate_img.py --edit."""
+"""Editing: decoding only unknown tokens (inpainting / outpainting), mask arguments, generate_img.py --edit."""
 import json
 
 import numpy as np
@@ -9,8 +9,8 @@ from PIL import Image
 from configs import autonat_t8_strategy
 from libs.errors import BadInput, MissingInput
 from libs.sampling.decoding import generate, maskgit_schedule, remask_count, schedule_from_config
-from libs.sampling.editing import parse_mask_spec, token_mask, token_mask_pixels
-from tests.helpers import randomise_fusion, tiny_backbone, tiny_ka_mig
+from libs.sampling.editing import parse_mask, token_mask, token_mask_pixels
+from tests.helpers import randomise_fusion, tiny_ka_mig
 
 MASK, NULL, L = 32, 4, 16
 SCHEDULES = [schedule_from_config(autonat_t8_strategy.get_config()), maskgit_schedule(6, 2.0)]
@@ -102,7 +102,8 @@ def test_batch_of_different_masks_equals_each_alone_and_counts_follow_the_unknow
 
 def test_bad_init_ids_are_refused(ka_mig):
     with pytest.raises(ValueError, match="known token ids"):
-        decode(ka_mig, [0], SCHEDULES[1], [0], init_ids=torch.full((1, L), 40), known=torch.ones(1, L, dtype=torch.bool))
+        decode(ka_mig, [0], SCHEDULES[1], [0], init_ids=torch.full((1, L), 40),
+               known=torch.ones(1, L, dtype=torch.bool))
     with pytest.raises(ValueError, match="init_ids must be"):
         decode(ka_mig, [0], SCHEDULES[1], [0], init_ids=torch.zeros(1, L + 1, dtype=torch.long))
 
@@ -111,17 +112,17 @@ def test_bad_init_ids_are_refused(ka_mig):
 
 
 def test_box_outside_and_png_masks(tmp_path):
-    mask, record = parse_mask_spec("2,1,5,3", 8)
+    mask, record = parse_mask("2,1,5,3", 8)
     assert record == {"kind": "box", "box": [2, 1, 5, 3]}
     assert mask.sum() == 3 * 2 and mask[1, 2] and mask[2, 4] and not mask[3, 4] and not mask[1, 5]
-    outside, record = parse_mask_spec("outside:2,1,5,3", 8)
+    outside, record = parse_mask("outside:2,1,5,3", 8)
     assert record["kind"] == "outside" and np.array_equal(outside, ~mask)
     img = np.zeros((8, 8, 3), np.uint8)
     img[0, 7] = 255
     img[5, 5] = 200  # mean >= 128: white
     img[6, 6] = (255, 0, 0)  # mean 85: black
     Image.fromarray(img).save(tmp_path / "m.png")
-    png, record = parse_mask_spec(str(tmp_path / "m.png"), 8)
+    png, record = parse_mask(str(tmp_path / "m.png"), 8)
     assert record["kind"] == "png" and len(record["sha256"]) == 64
     assert png.sum() == 2 and png[0, 7] and png[5, 5]
 
@@ -132,31 +133,31 @@ def test_a_token_is_unknown_when_any_pixel_of_its_patch_is_masked():
     unknown = token_mask(mask, 4)
     assert unknown.tolist() == [i == 1 * 4 + 2 for i in range(16)]
     assert token_mask_pixels(unknown, 8).sum() == 4 and token_mask_pixels(unknown, 8)[2:4, 4:6].all()
-    box, _ = parse_mask_spec("2,2,5,5", 8)
+    box, _ = parse_mask("2,2,5,5", 8)
     assert np.flatnonzero(token_mask(box, 4)).tolist() == [5, 6, 9, 10]
 
 
-@pytest.mark.parametrize("spec, match", [
+@pytest.mark.parametrize("mask_arg, match", [
     ("5,1,5,3", "x0 < x1"), ("1,4,3,2", "y0 < y1"), ("0,0,9,4", "outside the preprocessed 8x8"),
     ("-1,0,4,4", "outside the preprocessed"), ("outside:0,0,8,8", "selects no pixel"), ("1,2,3", "four integers"),
     ("outside:a,b", "four integers")])
-def test_bad_boxes_are_refused(spec, match):
+def test_bad_boxes_are_refused(mask_arg, match):
     with pytest.raises(BadInput, match=match):
-        parse_mask_spec(spec, 8)
+        parse_mask(mask_arg, 8)
 
 
 def test_bad_mask_files_are_refused(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(BadInput, match="empty file"):
-        parse_mask_spec(str(tmp_path / "empty.png"), 8)
+        parse_mask(str(tmp_path / "empty.png"), 8)
     Image.fromarray(np.full((6, 8, 3), 255, np.uint8)).save(tmp_path / "small.png")
     with pytest.raises(BadInput, match="mask image is 8x6, the preprocessed image is 8x8"):
-        parse_mask_spec(str(tmp_path / "small.png"), 8)
+        parse_mask(str(tmp_path / "small.png"), 8)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "black.png")
     with pytest.raises(BadInput, match="selects no pixel"):
-        parse_mask_spec(str(tmp_path / "black.png"), 8)
+        parse_mask(str(tmp_path / "black.png"), 8)
     with pytest.raises(MissingInput, match="no such mask file"):
-        parse_mask_spec(str(tmp_path / "absent.png"), 8)
+        parse_mask(str(tmp_path / "absent.png"), 8)
 
 
 # ----------------------------------------------------------------------------- generate_img.py --edit

@@ -74,27 +74,27 @@ def guidance_values(kind: str, scale: float, steps: int, power: float = 1.0) -> 
     raise ValueError(f"unknown guidance_schedule '{kind}' (one of {', '.join(GUIDANCE_SCHEDULES)})")
 
 
-def parse_guidance_steps(spec, steps: int) -> Optional[List[int]]:
+def parse_guidance_steps(value, steps: int) -> Optional[List[int]]:
     """The step indices where guidance applies: None for 'all', else sorted indices in [0, T).
 
-    `spec`: 'all', a list of ints, or a string of comma-separated indices and inclusive ranges ('3,4,5',
+    `value`: 'all', a list of ints, or a string of comma-separated indices and inclusive ranges ('3,4,5',
     '3-7', '[3, 4]'). Raises ValueError for anything else or an index outside [0, T).
     """
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+    if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
         return None
-    if isinstance(spec, str):
-        text = spec.strip().strip("[]()").replace(" ", "")
+    if isinstance(value, str):
+        text = value.strip().strip("[]()").replace(" ", "")
         if not text:
-            raise ValueError(f"guidance_steps '{spec}' lists no step (use 'all', '3,4,5' or '3-7')")
+            raise ValueError(f"guidance_steps '{value}' lists no step (use 'all', '3,4,5' or '3-7')")
         out = []
         for part in text.split(","):
             lo, sep, hi = part.partition("-")
             try:
                 out.extend(range(int(lo), int(hi) + 1) if sep else [int(part)])
             except ValueError:
-                raise ValueError(f"guidance_steps '{spec}': '{part}' is not a step index or range a-b") from None
+                raise ValueError(f"guidance_steps '{value}': '{part}' is not a step index or range a-b") from None
     else:
-        out = [int(s) for s in spec]
+        out = [int(s) for s in value]
     bad = [s for s in out if not 0 <= s < steps]
     if bad:
         raise ValueError(f"guidance_steps {bad} outside the {steps} steps 0..{steps - 1}")

@@ -8,7 +8,7 @@ regenerated region covers the mask, rounded outwards to whole patches. Decoding
 schedule counts the unknown tokens only. The tokens are then decoded to pixels as a whole (the tokenizer's
 decoder sees every token, so pixels near the region can change slightly even where the tokens did not).
 
-Mask specs (`parse_mask_spec`), in the preprocessed image's pixel coordinates, x to the right, y down:
+Mask arguments (`parse_mask`), in the preprocessed image's pixel coordinates, x to the right, y down:
 
     x0,y0,x1,y1            regenerate the box x0 <= x < x1, y0 <= y < y1 (inpainting)
     outside:x0,y0,x1,y1    regenerate everything but that box (outpainting)
@@ -32,55 +32,55 @@ BOX = re.compile(r"^\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*$")
 OUTSIDE = "outside:"
 
 
-def _box(text: str, spec: str, size: int):
-    """(x0, y0, x1, y1) of a box spec inside a size x size image, else BadInput."""
+def _box(text: str, mask_arg: str, size: int):
+    """(x0, y0, x1, y1) of a box argument inside a size x size image, else BadInput."""
     m = BOX.match(text)
     if not m:
-        raise BadInput(f"--mask '{spec}': a box is four integers x0,y0,x1,y1 (pixels of the preprocessed "
+        raise BadInput(f"--mask '{mask_arg}': a box is four integers x0,y0,x1,y1 (pixels of the preprocessed "
                        f"{size}x{size} image), 'outside:x0,y0,x1,y1', or a mask .png")
     x0, y0, x1, y1 = (int(v) for v in m.groups())
     if x0 >= x1 or y0 >= y1:
-        raise BadInput(f"--mask '{spec}': empty box, need x0 < x1 and y0 < y1 (got x0={x0}, x1={x1}, y0={y0}, "
+        raise BadInput(f"--mask '{mask_arg}': empty box, need x0 < x1 and y0 < y1 (got x0={x0}, x1={x1}, y0={y0}, "
                        f"y1={y1})")
     if x0 < 0 or y0 < 0 or x1 > size or y1 > size:
-        raise BadInput(f"--mask '{spec}': box outside the preprocessed {size}x{size} image (need 0 <= x0 < x1 <= "
+        raise BadInput(f"--mask '{mask_arg}': box outside the preprocessed {size}x{size} image (need 0 <= x0 < x1 <= "
                        f"{size} and 0 <= y0 < y1 <= {size}, x1/y1 exclusive)")
     return x0, y0, x1, y1
 
 
-def parse_mask_spec(spec: str, size: int):
+def parse_mask(mask_arg: str, size: int):
     """(pixel mask bool [size,size], True = regenerate; a JSON-able description for the fingerprint).
 
-    See the module docstring for the spec forms. Raises BadInput (malformed spec, box outside the image,
+    See the module docstring for the accepted forms. Raises BadInput (malformed argument, box outside the image,
     x0 >= x1, mask image of another size, unreadable or empty file, a mask that selects no pixel) or
     MissingInput (mask file not found).
     """
-    spec = str(spec)
+    mask_arg = str(mask_arg)
     mask = np.zeros((size, size), dtype=bool)
-    if spec.startswith(OUTSIDE):
-        x0, y0, x1, y1 = _box(spec[len(OUTSIDE):], spec, size)
+    if mask_arg.startswith(OUTSIDE):
+        x0, y0, x1, y1 = _box(mask_arg[len(OUTSIDE):], mask_arg, size)
         mask[:] = True
         mask[y0:y1, x0:x1] = False
         record = {"kind": "outside", "box": [x0, y0, x1, y1]}
-    elif re.fullmatch(r"[\s\d,+-]+", spec):  # numbers only: meant as a box
-        x0, y0, x1, y1 = _box(spec, spec, size)
+    elif re.fullmatch(r"[\s\d,+-]+", mask_arg):  # numbers only: meant as a box
+        x0, y0, x1, y1 = _box(mask_arg, mask_arg, size)
         mask[y0:y1, x0:x1] = True
         record = {"kind": "box", "box": [x0, y0, x1, y1]}
     else:
-        path = Path(spec)
+        path = Path(mask_arg)
         if not path.exists():
-            raise MissingInput(f"--mask {spec}: no such mask file (a box is x0,y0,x1,y1 or outside:x0,y0,x1,y1)")
+            raise MissingInput(f"--mask {mask_arg}: no such mask file (a box is x0,y0,x1,y1 or outside:x0,y0,x1,y1)")
         try:
             rgb = read_rgb(path)  # [H,W,3] uint8 (any mode, alpha dropped)
         except UnreadableImage as e:
-            raise BadInput(f"--mask {spec}: unreadable mask image ({e.reason})") from e
+            raise BadInput(f"--mask {mask_arg}: unreadable mask image ({e.reason})") from e
         if rgb.shape[:2] != (size, size):
-            raise BadInput(f"--mask {spec}: mask image is {rgb.shape[1]}x{rgb.shape[0]}, the preprocessed image is "
+            raise BadInput(f"--mask {mask_arg}: mask image is {rgb.shape[1]}x{rgb.shape[0]}, the preprocessed image is "
                            f"{size}x{size} (white = regenerate)")
         mask = rgb.astype(np.float32).mean(-1) >= 128
         record = {"kind": "png", "sha256": file_sha256(path)}
     if not mask.any():
-        raise BadInput(f"--mask '{spec}': the mask selects no pixel, so nothing would be regenerated "
+        raise BadInput(f"--mask '{mask_arg}': the mask selects no pixel, so nothing would be regenerated "
                        "(white = regenerate in a mask image)")
     return mask, record
 

@@ -227,8 +227,8 @@ def add_sampling_flags(parser):
     parser.add_argument("--schedule", choices=["autonat", "maskgit"], default=None,
                         help="decoding schedule (default: the config's AutoNAT T=8 strategy)")
     parser.add_argument("--strategy", default=None,
-                        help="a decoding strategy file with get_config() (configs/autonat_t8_strategy.py, or one written "
-                             "by python -m libs.sampling.strategy_search); replaces the config's schedule keys, "
+                        help="a decoding strategy file with get_config() (configs/autonat_t8_strategy.py, or one "
+                             "written by python -m libs.sampling.strategy_search); replaces the config's schedule keys, "
                              "the flags below still override it")
     parser.add_argument("--steps", type=int, default=None, help="maskgit schedule: number of steps T")
     parser.add_argument("--cfg", type=float, default=None, help="maskgit schedule: guidance scale")

@@ -8,7 +8,12 @@ A sampling run writes `fingerprint.json` into its output folder before the first
 sampling arithmetic changes), model kind, sha256 of the checkpoint, the tokenizer checkpoint and the graph
 files the model uses, the decoding schedule with its parameters, seed, label mode and a hash of the labels,
 the image count, autocast precision, CPU kernels, device type, pixel quantisation, and the model /
-tokenizer / graph config blocks. `files` only records where the inputs were found (paths, for the reader).
+tokenizer / graph config blocks. Settings added later appear only when they are not at their default, so
+earlier fingerprints stay valid: `compile` (true with --compile), and in the schedule `guidance_schedule` /
+`guidance_power` (maskgit, when not 'linear'), `guidance_steps` (when not 'all') and `order` (when not
+'confidence'). An editing run (generate_img.py --edit) adds `edit`: the input image's sha256, the mask (box, or
+the mask PNG's sha256), the class and the number of regenerated tokens. `files` only records where the inputs
+were found (paths, for the reader).
 
 A rerun into the same folder compares fingerprints before sampling: the same fingerprint resumes the run;
 another one stops with a one-line error listing the fields that differ (`--overwrite` deletes the old samples
@@ -24,7 +29,7 @@ import numpy as np
 
 from libs.atomic_io import atomic_write_json
 from libs.checkpoint import file_sha256
-from libs.config import config_to_dict
+from libs.config import config_to_dict, flatten_config
 from libs.errors import BadInput
 from libs.graphs.files import graph_paths
 
@@ -117,17 +122,6 @@ def fingerprint_id(fingerprint: dict, length: int = 10) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def _flatten(d, prefix="") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _short(value) -> str:
     text = json.dumps(value, sort_keys=True)
     if isinstance(value, str) and len(value) == 64:  # a sha256
@@ -139,7 +133,7 @@ def _short(value) -> str:
 
 def fingerprint_diff(old: dict, new: dict) -> list:
     """['field: old -> new', ...] for every (dotted) field whose value differs."""
-    a, b = _flatten(old or {}), _flatten(new or {})
+    a, b = flatten_config(old or {}), flatten_config(new or {})
     return [f"{k}: {_short(a.get(k, '<absent>'))} -> {_short(b.get(k, '<absent>'))}"
             for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from libs.atomic_io import atomic_torch_save, atomic_write_json, atomic_write_text, clean_stale_temps
 from libs.checkpoint import load_state_dict_file, load_strict
-from libs.config import config_to_dict
+from libs.config import config_to_dict, flatten_config
 from libs.errors import BadInput
 from libs.models.factory import build_model
 from libs.training.objective import make_masked_batch, masked_token_loss
@@ -103,6 +103,7 @@ RESUME_MAY_CHANGE = (
     "train.fid_*",                                               # periodic FID (evaluation only)
     "output_dir", "run_name",                                    # where the run folder lives
     "train.grad_accum",                                          # how the unchanged global batch is split
+    "train.compile",                                             # torch.compile: same weights, float rounding only
 )
 # Where the run lives, not how it trains: left out of the config stored in checkpoints, so that the same run
 # in two folders writes byte-identical checkpoints.
@@ -111,17 +112,6 @@ LOCATION_KEYS = ("output_dir", "run_name")
 
 def may_change_on_resume(key: str) -> bool:
     return any(key == rule or (rule.endswith("*") and key.startswith(rule[:-1])) for rule in RESUME_MAY_CHANGE)
-
-
-def flatten_config(d: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(flatten_config(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
 
 
 _ABSENT = "(absent)"
@@ -313,6 +303,9 @@ class Trainer:
             torch.manual_seed(config.seed)  # same initialisation on every rank and in every run
             model = init_model(config, graphs)
         self.trained_names = freeze_for_mode(model, t.mode)
+        if t.compile:  # torch.compile block by block: parameter names, checkpoints and EMA stay those of eager
+            for block in model.blocks:
+                block.compile()
         self.trained_set = set(self.trained_names)
         params = [p for n, p in model.named_parameters() if n in self.trained_set]
         decay = [p for p in params if p.dim() > 1]
