@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from libs.cli import run_main
+from libs.cli import ArgumentParser, run_main
 from libs.config import parse_args_with_config
 from libs.data.tokens import load_tokens
 from libs.errors import BadInput, MissingInput, UserError, one_line
@@ -44,7 +44,7 @@ def load_training_tokens(config):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--crash-after-step", type=int, default=None,
                         help="testing aid: SIGKILL every process right after this step (and its checkpoint)")
     args, config = parse_args_with_config(parser, "configs/ka_mig_l.py", argv)

@@ -27,7 +27,8 @@ def missing_asset_message(path) -> str:
     what = ASSETS.get(path.name, "a checkpoint")
     return (f"checkpoint not found: {path}\n"
             f"  this is {what}; put '{path.name}' in the folder '{path.parent}/' "
-            f"(or pass its path with the matching flag).\n"
+            f"(or pass its path: --checkpoint for the token model, --config.tokenizer.checkpoint=<path> for "
+            f"the tokenizer, --config.train.init_checkpoint=<path> for training).\n"
             f"  How to get it: {README_ASSETS}.")
 
 

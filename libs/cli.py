@@ -20,7 +20,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _probe_folder(folder: Path, what: str):
-    """Creates `folder` if needed and checks that a file can be created in it (BadInput if not)."""
+    """Checks that a file can be created in `folder` (BadInput if not); folders made for the check are removed."""
+    created = [p for p in [folder, *folder.parents] if not p.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError as e:
@@ -42,6 +43,11 @@ def _probe_folder(folder: Path, what: str):
             probe.unlink()
         except OSError:
             pass
+        for made in created:  # a failed run leaves no empty output folders behind
+            try:
+                made.rmdir()
+            except OSError:
+                break
 
 
 def check_writable(*paths, folders=()):

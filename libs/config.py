@@ -60,9 +60,13 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str):
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
         raise KeyError(f"unknown config key 'config.{dotted}'")
     current = node[leaf]
-    value = parse_value(text, current)
-    with node.unlocked():
-        node[leaf] = value
+    try:
+        value = parse_value(text, current)
+        with node.unlocked():
+            node[leaf] = value
+    except (TypeError, ValueError) as e:  # ml_collections refuses a value of another type with TypeError
+        raise ValueError(f"config.{dotted}={text}: {e} (the default is {current!r}, "
+                         f"a {type(current).__name__})") from e
 
 
 def split_overrides(argv):

@@ -23,5 +23,8 @@ class DiskFull(UserError, OSError):
 
 
 def one_line(error: BaseException) -> str:
-    """The error's message on one line: its lines joined with '; '."""
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    """The error's message on one line: its lines joined with a space (or '; ' after a line without final
+    punctuation)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "".join(line + ("" if i == len(lines) - 1 else " " if line[-1] in ".:;,(" else "; ")
+                   for i, line in enumerate(lines))

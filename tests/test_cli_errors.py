@@ -97,3 +97,18 @@ def test_messages_name_the_problem(results):
     assert "arr_0" in line("fid_stats npz without arr_0")
     root = results["generate_npz NaN reference"][2]
     assert not (root / "npz_out" / "samples").exists() or not any((root / "npz_out" / "samples").iterdir())
+
+
+def test_mistyped_config_value_is_one_line_naming_the_key(tmp_path):
+    """A --config value of the wrong type is a one-line user error naming the key, not a traceback."""
+    proc = subprocess.run([sys.executable, "train_graph.py", "--config", "configs/tiny.py",
+                           "--config.train.lr=abc"], capture_output=True, text=True, cwd=REPO)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert "config.train.lr=abc" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_output_check_leaves_no_folders_behind(tmp_path):
+    from libs.cli import check_writable
+    check_writable(tmp_path / "a" / "b" / "samples.npz", folders=[tmp_path / "c" / "d"])
+    assert list(tmp_path.iterdir()) == []

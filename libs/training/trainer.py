@@ -382,7 +382,8 @@ class Trainer:
     def last_checkpoint_hint(self) -> str:
         ckpts = list_checkpoints(self.ckpt_dir)
         where = f"The last checkpoint, {ckpts[0]}, holds finite weights" if ckpts else "No checkpoint was written"
-        return f"{where}; lower train.lr (or set train.grad_clip) before resuming"
+        return (f"{where}; to continue with another train.lr or train.grad_clip, start a new run from it "
+                f"(another --config.run_name with --config.train.init_checkpoint, or rerun as it is)")
 
     def save_checkpoint(self):
         """Rank 0 writes step_<n>.pt atomically, then prunes older ones beyond keep_checkpoints (never the new
