@@ -1,14 +1,15 @@
-"""Pretraining of the demo backbone (`make demo-assets`): configs/demo.py in `pretrain` mode."""
+"""Pretraining of the demo backbone (`make demo-assets DATA=synthetic`): configs/demo.py in `pretrain` mode."""
 from configs import demo
 
 
-def get_config():
-    config = demo.get_config()
+def pretrain(config, out: str):
+    """The AutoNAT pretraining recipe (docs/reference.md#training-recipes) scaled to a small CPU run; shared with
+    configs/demo_fashion_backbone.py, which trains longer."""
     config.run_name = "backbone"
-    config.output_dir = "output/demo_assets"
-    config.data.path = "output/demo_assets/tokens/train"
+    config.output_dir = out
+    config.data.path = f"{out}/tokens/train"
 
-    t = config.train  # AutoNAT recipe (docs/reference.md#training-recipes) scaled to a small CPU run
+    t = config.train
     t.mode = "pretrain"
     t.init_checkpoint = ""
     t.n_steps = 2000
@@ -22,3 +23,7 @@ def get_config():
     t.save_interval = 500
     t.keep_checkpoints = 1
     return config
+
+
+def get_config():
+    return pretrain(demo.get_config(), "output/demo_assets_synthetic")

@@ -16,6 +16,7 @@ def get_config():
     g.use_sim = True             # token semantic-similarity graph G_s (positive)
     g.use_incompat = True        # per-class position-token incompatibility G_p (negative)
     g.gcn_layers = 3             # GCN width = model.embed_dim (derived: the GCN input is the word embedding)
+    g.gnn = "gcn"                # encoder of G_co / G_s: "gcn" (the released model) or "gat" (graph attention)
     g.dir = "graph_prior"        # the three graph files; names fixed in libs/graphs/files.py (GRAPH_FILES)
 
     # how graph_construction/build_graphs.py builds them (its flags override these)

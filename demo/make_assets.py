@@ -1,34 +1,51 @@
-"""`make demo-assets`: rebuilds the committed demo weights demo/assets/{vqgan_demo.pth,autonat_demo.pth}.
+"""`make demo-assets`: rebuilds the committed demo weights in demo/assets/<dataset>/.
 
-    python -m demo.make_assets                    # configs/demo.py + configs/demo_backbone.py -> demo/assets/
+    python -m demo.make_assets                       # Fashion-MNIST: configs/demo_fashion*.py -> demo/assets/fashion/
+    python -m demo.make_assets --dataset synthetic   # procedural images -> demo/assets/synthetic/
     python -m demo.make_assets --assets /tmp/a --config.tokenizer_train.steps=10 --config.train.n_steps=10
 Recipe (the repo's own entry points, as subprocesses): demo/make_data.py -> demo/train_tokenizer.py ->
-extract_imagenet_feature.py -> train_graph.py (mode pretrain, configs/demo_backbone.py). Writes the two
-weight files, the tokenizer report, the backbone's training log and manifest.json (sizes, sha256, losses, times).
+extract_imagenet_feature.py (train and held-out) -> train_graph.py (mode pretrain) -> demo/evaluate.py curve
+(held-out NLL of every backbone checkpoint) -> demo/evaluate.py reference (FID reference features). Writes the
+weight files, the tokenizer report, the backbone's training log and held-out curve, and manifest.json (sizes,
+sha256, losses, times).
 """
 import argparse
 import sys
 
 from demo.pipeline import StageFailed, build_assets, load_demo_config, parse_demo_args
 
+CONFIGS = {"fashion_mnist": ("configs/demo_fashion.py", "configs/demo_fashion_backbone.py"),
+           "synthetic": ("configs/demo.py", "configs/demo_backbone.py")}
+DATASETS = {"fashion_mnist": "fashion_mnist", "fashion": "fashion_mnist", "synthetic": "synthetic"}
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.py", help="demo config (tokenizer sizes and training)")
-    parser.add_argument("--backbone-config", default="configs/demo_backbone.py", help="backbone pretraining config")
+    parser.add_argument("--dataset", default="fashion_mnist", choices=sorted(DATASETS),
+                        help="fashion_mnist (default) or synthetic; picks the default configs")
+    parser.add_argument("--config", default=None, help="demo config (tokenizer sizes and training)")
+    parser.add_argument("--backbone-config", default=None, help="backbone pretraining config")
     parser.add_argument("--assets", default=None, help="where the weights go (default config.demo.assets)")
-    parser.add_argument("--work", default="output/demo_assets", help="work folder (tokens, checkpoints, logs)")
-    parser.add_argument("--data", default=None, help="data root (default config.demo.data_root)")
+    parser.add_argument("--work", default=None, help="work folder (default output/demo_assets_<dataset>)")
+    parser.add_argument("--data", default=None, help="data root (default <config.demo.data_root>_assets)")
+    parser.add_argument("--fashion-mnist", default=None, metavar="DIR",
+                        help="folder with the four Fashion-MNIST idx files (see demo/fashion_mnist.py)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an earlier run in the work folder: reuse its tokenizer and tokens, resume the "
+                             "backbone from its newest checkpoint (e.g. after raising train.n_steps)")
     args, overrides = parse_demo_args(parser, argv)
-
+    dataset = DATASETS[args.dataset]
+    config_file = args.config or CONFIGS[dataset][0]
+    backbone_file = args.backbone_config or CONFIGS[dataset][1]
     try:
-        config = load_demo_config(args.config, overrides)
-        load_demo_config(args.backbone_config, overrides)
+        config = load_demo_config(config_file, overrides)
+        load_demo_config(backbone_file, overrides)
     except (KeyError, ValueError, FileNotFoundError) as e:
         parser.error(str(e.args[0] if e.args else e))
     try:
-        return build_assets(args.config, args.backbone_config, overrides, args.work, args.assets or config.demo.assets,
-                            args.data, args.threads)
+        return build_assets(config_file, backbone_file, overrides, args.work or f"output/demo_assets_{dataset}",
+                            args.assets or config.demo.assets, args.data, args.threads, args.fashion_mnist,
+                            resume=args.resume)
     except StageFailed as e:
         sys.exit(f"demo-assets failed: {e}")
 

@@ -1,41 +1,87 @@
-"""The CPU demo: runs the repo's real entry points as subprocesses, times each stage, writes metrics.
+"""The CPU demo's drivers: the repo's real entry points run as subprocesses, each stage timed, then the report.
 
-`run_demo` (make demo): data -> tokens -> graphs -> KA-MIG training on the frozen demo backbone -> labelled
-grids -> FID reference statistics of held-out images -> samples + FID of KA-MIG and of the bare backbone.
-`build_assets` (make demo-assets): data -> tokenizer training -> tokens -> backbone pretraining -> demo/assets/.
-Every stage is a subprocess `python <script> --config <file> <overrides>`, its output is shown live (progress
-bars included) and saved under <out>/logs/.
+`run_demo` (make demo): data -> tokens (train and held-out) -> graphs -> training of the head-only control and
+of KA-MIG on the frozen demo backbone -> held-out masked-token NLL of the backbone, the control and KA-MIG ->
+samples of each (generate_npz.py) -> FID -> grids, figures, metrics.json, summary.txt.
+`build_assets` (make demo-assets): data -> tokenizer training -> tokens -> backbone pretraining -> held-out
+curve of the backbone -> FID reference features -> demo/assets/<source>/.
+`run_models` is the part both the demo and the ablation (demo/ablation.py) share: train, evaluate and sample
+a list of `ModelSpec`s. Every stage is a subprocess `python <script> --config <file> <overrides>`; its output
+is shown live and saved under <out>/logs/.
 """
 import csv
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-
-from libs.atomic_io import atomic_write, atomic_write_json, atomic_write_text
+from libs.atomic_io import atomic_write, atomic_write_json
 from libs.checkpoint import file_sha256
 from libs.config import apply_override, load_config_file, split_overrides
-from libs.data.images import list_image_folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_FILE = "vqgan_demo.pth"
 BACKBONE_FILE = "autonat_demo.pth"
 MANIFEST_FILE = "manifest.json"
-# what run_demo writes into its output folder (removed at the start of a run, nothing else is touched)
-DEMO_OUTPUTS = ("logs", "tokens", "graphs", "ka_mig", "grid_runs", "fid_ka_mig", "fid_backbone", "fid_ref_val.npz",
-                "grid_ka_mig.png", "grid_backbone.png", "comparison.png", "metrics.json", "summary.txt")
-ASSET_OUTPUTS = ("logs", "tokens", "backbone", "tokenizer.pth", "tokenizer.pth.json")
+CURVE_FILE = "autonat_demo_heldout_curve"  # .csv and .png
+# what run_demo writes into its output folder (removed at the start of a run; nothing else is touched)
+DEMO_OUTPUTS = ("logs", "tokens", "graphs", "runs", "samples", "models.json", "nll.npz", "fid.json",
+                "grid_backbone.png", "grid_control.png", "grid_ka_mig.png", "comparison.png", "curves.png",
+                "metrics.json", "summary.txt",
+                "ka_mig", "grid_runs", "fid_ka_mig", "fid_backbone", "fid_ref_val.npz")  # the last five: older demos
+ASSET_OUTPUTS = ("logs", "tokens", "backbone", "tokenizer.pth", "tokenizer.pth.json", "curve.csv",
+                 "reference.npz")
+GRAPHS = ("co", "sim", "incompat")
+GRAPH_SYMBOL = {"co": "G_co", "sim": "G_s", "incompat": "G_p"}
 
 
 class StageFailed(RuntimeError):
     """A pipeline stage exited with a non-zero status."""
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of a comparison, all made from the same frozen backbone.
+
+    trained False: the backbone as is. trained True with no graphs: the head-only control (a KA-MIG with every
+    graph switched off, so only `mlm_layer` trains). Otherwise KA-MIG with `graphs` on, encoded by `gnn`;
+    `shuffled` uses graphs whose token ids were permuted (same structure, knowledge destroyed).
+    """
+    name: str                   # key and folder name
+    label: str                  # shown in tables and figures
+    graphs: tuple = ()
+    trained: bool = True
+    gnn: str = "gcn"
+    shuffled: bool = False
+    seed: int = None            # training seed (None: the config's)
+
+    @property
+    def kind(self) -> str:
+        return "ka_mig" if self.trained else "autonat"
+
+    def overrides(self, graph_dir) -> list:
+        """--config.* overrides that make train_graph.py / generate_npz.py build (and train) this model."""
+        if not self.trained:
+            return []
+        return [f"--config.graph.use_{g}={'true' if g in self.graphs else 'false'}" for g in GRAPHS] + \
+               [f"--config.graph.gnn={self.gnn}", f"--config.graph.dir={graph_dir}"] + \
+               ([f"--config.seed={self.seed}"] if self.seed is not None else [])
+
+
+BACKBONE = ModelSpec("backbone", "backbone", trained=False)
+CONTROL = ModelSpec("control", "control (head only)")
+KA_MIG = ModelSpec("ka_mig", "KA-MIG", GRAPHS)
+DEMO_MODELS = (BACKBONE, CONTROL, KA_MIG)
+
+
+# ----------------------------------------------------------------------------- running stages
 
 
 def parse_demo_args(parser, argv=None):
@@ -102,14 +148,32 @@ class Runner:
         seconds = time.time() - t0
         self.seconds[name] = round(seconds, 2)
         if rc != 0:
-            raise StageFailed(f"stage '{name}' failed with exit status {rc} after {seconds:.0f} s; "
-                              f"its output is in {log_path}")
+            tail = _last_error_line(log_path)
+            raise StageFailed(f"stage '{name}' failed with exit status {rc} after {seconds:.0f} s"
+                              f"{f' ({tail})' if tail else ''}; its output is in {log_path}")
         print(f"--- {name} done in {seconds:.1f} s", flush=True)
         return seconds
 
+    def timed(self, name: str, fn, *args, **kwargs):
+        """Runs fn in this process as a stage of its own (timed like the subprocesses)."""
+        t0 = time.time()
+        result = fn(*args, **kwargs)
+        self.seconds[name] = round(time.time() - t0, 2)
+        return result
+
+
+def _last_error_line(log_path: Path) -> str:
+    """The last line starting with 'error:' in a stage log (the one-line user errors of the entry scripts)."""
+    try:
+        lines = log_path.read_text(errors="replace").replace("\r", "\n").splitlines()
+    except OSError:
+        return ""
+    errors = [line.strip() for line in lines if line.strip().startswith("error:")]
+    return errors[-1][:300] if errors else ""
+
 
 def _quote(arg: str) -> str:
-    return arg if arg and all(c.isalnum() or c in "-_=./:," for c in arg) else repr(arg)
+    return arg if arg and all(c.isalnum() or c in "-_=./:,+" for c in arg) else repr(arg)
 
 
 def resolve(path) -> Path:
@@ -159,203 +223,9 @@ def clean_outputs(out: Path, names):
             p.unlink()
 
 
-# ----------------------------------------------------------------------------- make demo
-
-
-def demo_paths(out: Path, assets: Path) -> dict:
-    """Every file and folder run_demo reads or writes."""
-    return {"tokens": out / "tokens" / "train", "graphs": out / "graphs", "ka_mig": out / "ka_mig" / "model_ema.pth",
-            "train_log": out / "ka_mig" / "log.csv", "grid_runs": out / "grid_runs", "ref": out / "fid_ref_val.npz",
-            "fid_ka_mig": out / "fid_ka_mig", "fid_backbone": out / "fid_backbone",
-            "tokenizer": assets / TOKENIZER_FILE, "backbone": assets / BACKBONE_FILE, "logs": out / "logs"}
-
-
-def run_demo(config_file, overrides, out, data_root=None, assets=None, threads=0) -> dict:
-    """`make demo`: the whole pipeline on the committed demo weights; returns the metrics dict."""
-    t_start = time.time()
-    config_file = config_path(config_file)
-    config = load_demo_config(config_file, overrides)
-    d = config.demo
-    out = resolve(out)
-    data_root = resolve(data_root) if data_root else repo_path(d.data_root)
-    assets = resolve(assets) if assets else repo_path(d.assets)
-    p = demo_paths(out, assets)
-    for key in ("tokenizer", "backbone"):
-        if not p[key].is_file():
-            raise FileNotFoundError(f"demo weights not found: {p[key]} (rebuild them with `make demo-assets`)")
-    clean_outputs(out, DEMO_OUTPUTS)
-    out.mkdir(parents=True, exist_ok=True)
-    n_threads, why = pick_threads(threads)
-    runner = Runner(p["logs"], n_threads, total_stages=9)
-    C = config.model.num_classes
-    print(f"KA-MIG CPU demo -> {out}\n  config {config_file}; data {data_root}; weights {assets}; "
-          f"threads {n_threads} ({why})", flush=True)
-
-    common = ["--config", str(config_file), *[f"--config.{k}={v}" for k, v in overrides],
-              f"--config.output_dir={out}", "--config.run_name=ka_mig", f"--config.data.path={p['tokens']}",
-              f"--config.tokenizer.checkpoint={p['tokenizer']}", f"--config.train.init_checkpoint={p['backbone']}",
-              f"--config.graph.dir={p['graphs']}"]
-    sampling = ["--device", "cpu", "--batch-size", str(d.batch_size), "--seed", str(d.sample_seed)]
-
-    runner.run("data", ["-m", "demo.make_data", "--out", str(data_root), *common],
-               f"procedural images, {C} classes x ({d.train_per_class} train + {d.val_per_class} held-out)")
-    runner.run("tokens", ["extract_imagenet_feature.py", "--path", str(data_root), "--split", "train",
-                          "--out", str(p["tokens"]), "--no-flip", "--workers", "0", "--device", "cpu",
-                          "--batch-size", "250", "--overwrite", *common],
-               "tokenize the train split with the demo VQGAN")
-    runner.run("graphs", ["-m", "graph_construction.build_graphs", "--tokens", str(p["tokens"]),
-                          "--num-threads", str(n_threads), *common],
-               "G_co, G_s and G_p from the demo tokens")
-    runner.run("train_ka_mig", ["train_graph.py", *common],
-               f"KA-MIG graph modules + head on the frozen backbone, {config.train.n_steps} steps")
-    classes = [str(c) for c in range(C)]
-    grids = {}
-    for kind, ckpt in (("ka_mig", p["ka_mig"]), ("backbone", p["backbone"])):
-        model = "ka_mig" if kind == "ka_mig" else "autonat"
-        run_root = p["grid_runs"] / kind
-        runner.run(f"grid_{kind}", ["generate_img.py", "--model", model, "--checkpoint", str(ckpt), "--classes", *classes,
-                                    "--per-class", str(d.grid_per_class), "--out", str(run_root), *sampling, *common],
-                   f"a labelled grid, {d.grid_per_class} samples of every class ({kind})")
-        grids[kind] = newest_run(run_root)
-        copy_atomic(grids[kind] / "grid.png", out / f"grid_{kind}.png")
-    runner.run("fid_reference", ["-m", "libs.evaluation.fid_stats", "--images", str(data_root / "val"), "--out", str(p["ref"]),
-                                 "--device", "cpu", "--batch-size", str(d.batch_size)],
-               f"Inception statistics of the {C * d.val_per_class} held-out images")
-    fid = {}
-    for kind, ckpt in (("ka_mig", p["ka_mig"]), ("backbone", p["backbone"])):
-        model = "ka_mig" if kind == "ka_mig" else "autonat"
-        folder = p[f"fid_{kind}"]
-        runner.run(f"fid_{kind}", ["generate_npz.py", "--model", model, "--checkpoint", str(ckpt),
-                                   "--num-samples", str(d.fid_samples), "--ref-stats", str(p["ref"]), "--out", str(folder),
-                                   *sampling, *common],
-                   f"{d.fid_samples} samples (seed {d.sample_seed}) and their FID ({kind})")
-        fid[kind] = json.loads((folder / "metrics.json").read_text())
-    comparison_figure(data_root / "val", grids, out / "comparison.png", C, per_class=min(4, d.grid_per_class))
-    metrics = demo_metrics(config, config_file, overrides, out, p, fid, runner, n_threads, why, t_start)
-    write_json(out / "metrics.json", metrics)
-    text = summary_text(metrics, out)
-    atomic_write_text(out / "summary.txt", text)
-    print("\n" + text, flush=True)
-    return metrics
-
-
-def newest_run(root: Path) -> Path:
-    """The newest run folder generate_img.py made under root (it names them <model>_seed<s>_<time>)."""
-    runs = sorted((r for r in root.iterdir() if r.is_dir() and (r / "grid.png").is_file()),
-                  key=lambda r: r.stat().st_mtime)
-    if not runs:
-        raise StageFailed(f"generate_img.py left no grid.png under {root}")
-    return runs[-1]
-
-
-def comparison_figure(val_root: Path, grids: dict, path: Path, num_classes: int, per_class: int = 4, scale: int = 3):
-    """One PNG: per class (rows) `per_class` held-out images | backbone samples | KA-MIG samples, upscaled."""
-    def load(p):
-        with Image.open(p) as im:
-            return np.asarray(im.convert("RGB"))
-
-    names, items = list_image_folder(val_root)
-    real = {c: [val_root / rel for rel, lab in items if lab == c][:per_class] for c in range(num_classes)}
-    samples = {}
-    for kind, run in grids.items():  # generate_img.py names samples <index>_class<c>.png
-        files = sorted(run.glob("*_class*.png"))
-        samples[kind] = {c: [f for f in files if f.stem.endswith(f"_class{c}")][:per_class] for c in range(num_classes)}
-    columns = [("held-out", real)] + [(k, samples[k]) for k in ("backbone", "ka_mig") if k in samples]
-    first = load(real[0][0])
-    h, w = first.shape[0] * scale, first.shape[1] * scale
-    gap, head, left = 8, 16, 90
-    width = left + len(columns) * (per_class * w + gap)
-    canvas = Image.new("RGB", (width, head + num_classes * h), "white")
-    draw = ImageDraw.Draw(canvas)
-    for j, (title, table) in enumerate(columns):
-        x0 = left + j * (per_class * w + gap)
-        draw.text((x0 + 2, 2), title if title != "ka_mig" else "KA-MIG", fill="black")
-        for c in range(num_classes):
-            for k, f in enumerate(table[c]):
-                img = Image.fromarray(load(f)).resize((w, h), Image.NEAREST)
-                canvas.paste(img, (x0 + k * w, head + c * h))
-    for c in range(num_classes):
-        draw.text((4, head + c * h + h // 2 - 6), names[c], fill="black")
-    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
-    return path
-
-
-def read_train_log(path: Path) -> list:
-    """Rows of the trainer's log.csv as dicts of floats."""
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def loss_start_end(log: list, k: int = 3) -> dict:
-    """Mean training loss of the first and of the last k logged steps (single-batch losses are noisy)."""
-    losses = [row["loss"] for row in log]
-    if not losses:
-        return {"loss_start": None, "loss_end": None, "loss_rows_averaged": 0}
-    k = min(k, len(losses))
-    return {"loss_start": float(np.mean(losses[:k])), "loss_end": float(np.mean(losses[-k:])), "loss_rows_averaged": k}
-
-
-def demo_metrics(config, config_file, overrides, out, p, fid, runner, threads, why, t_start) -> dict:
-    """The metrics.json of a demo run."""
-    log = read_train_log(p["train_log"])
-    ka, bb = float(fid["ka_mig"]["fid"]), float(fid["backbone"]["fid"])
-    d = config.demo
-    return {
-        "fid": {"ka_mig": ka, "backbone": bb},
-        "fid_difference_ka_mig_minus_backbone": ka - bb,
-        "ka_mig_better": bool(ka < bb),
-        "num_samples": int(d.fid_samples),
-        "num_samples_per_model": {"ka_mig": int(fid["ka_mig"]["n"]), "backbone": int(fid["backbone"]["n"])},
-        "sample_seed": int(d.sample_seed),
-        "reference": {"images": int(config.model.num_classes * d.val_per_class), "split": "val (held out)",
-                      "path": str(p["ref"])},
-        "inception_weights": fid["ka_mig"].get("inception_weights"),
-        "train": {"steps": int(config.train.n_steps), "batch_size": int(config.train.batch_size),
-                  **loss_start_end(log), "log": str(p["train_log"])},
-        "stage_seconds": dict(runner.seconds),
-        "total_seconds": round(time.time() - t_start, 2),
-        "threads": threads, "threads_reason": why,
-        "config": str(config_file), "overrides": [f"--config.{k}={v}" for k, v in overrides],
-        "weights": {"tokenizer": str(p["tokenizer"]), "backbone": str(p["backbone"]), "ka_mig": str(p["ka_mig"])},
-        "outputs": {"grids": [str(out / "grid_ka_mig.png"), str(out / "grid_backbone.png")],
-                    "comparison": str(out / "comparison.png"), "logs": str(p["logs"])},
-    }
-
-
-def summary_text(m: dict, out: Path) -> str:
-    """The honest closing summary of a demo run."""
-    ka, bb = m["fid"]["ka_mig"], m["fid"]["backbone"]
-    if ka < bb:
-        verdict = f"KA-MIG has the lower (better) FID on this run, by {bb - ka:.2f}."
-    elif ka > bb:
-        verdict = f"KA-MIG did NOT beat the bare backbone on this run: its FID is higher (worse) by {ka - bb:.2f}."
-    else:
-        verdict = "KA-MIG and the bare backbone have the same FID on this run."
-    times = ", ".join(f"{k} {v:.0f}s" for k, v in m["stage_seconds"].items())
-    lines = [
-        "=" * 78,
-        "KA-MIG CPU demo: summary",
-        f"  FID KA-MIG   {ka:8.2f}   ({m['num_samples']} samples)",
-        f"  FID backbone {bb:8.2f}   ({m['num_samples']} samples, same labels and seeds)",
-        f"  reference    {m['reference']['images']} held-out demo images; Inception weights: {m['inception_weights']}",
-        f"  {verdict}",
-        f"  A demo-scale FID ({m['num_samples']} samples vs {m['reference']['images']} reference images, 32x32 images "
-        "upscaled to 299) is strongly biased upwards and noisy; differences of a few points can be noise. It "
-        "checks that the pipeline runs end to end, not the paper's claim.",
-        f"  KA-MIG training: {m['train']['steps']} steps, loss {fmt(m['train']['loss_start'])} -> "
-        f"{fmt(m['train']['loss_end'])} (mean of the first / last {m['train']['loss_rows_averaged']} logged steps; "
-        f"log: {m['train']['log']})",
-        f"  time: {m['total_seconds']:.0f} s total ({times}); {m['threads']} thread(s) per stage",
-        f"  outputs in {out}: grid_ka_mig.png, grid_backbone.png, comparison.png, metrics.json, logs/",
-        "=" * 78,
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def fmt(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+def copy_atomic(src: Path, dst: Path):
+    """Copies a file so that `dst` is never half written."""
+    return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def write_json(path: Path, obj):
@@ -363,68 +233,240 @@ def write_json(path: Path, obj):
     atomic_write_json(path, obj, indent=1, sort_keys=False)
 
 
+def read_train_log(path: Path) -> list:
+    """Rows of the trainer's log.csv as dicts of floats."""
+    if not Path(path).is_file():
+        return []
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------- shared stages
+
+
+def data_stage(runner, config_file, cfg_overrides, data_root, fashion_mnist=None, what=""):
+    """demo/make_data.py: the train and held-out ImageFolder trees."""
+    extra = ["--fashion-mnist", str(fashion_mnist)] if fashion_mnist else []
+    runner.run("data", ["-m", "demo.make_data", "--config", str(config_file), *cfg_overrides, "--out", str(data_root),
+                        *extra], what)
+
+
+def token_stage(runner, name, common, data_root, split, out, what, overwrite=True):
+    """extract_imagenet_feature.py on one split, without flips (see configs/demo_fashion.py). Without
+    `overwrite` a finished identical dataset is kept (the script checks files and tokenizer)."""
+    runner.run(name, ["extract_imagenet_feature.py", "--path", str(data_root), "--split", split, "--out", str(out),
+                      "--no-flip", "--workers", "0", "--device", "cpu", "--batch-size", "250",
+                      *(["--overwrite"] if overwrite else []), *common], what)
+
+
+def run_models(runner, config, config_file, common, specs, out, p, threads, graph_dirs=None):
+    """Trains every trained spec, evaluates the held-out NLL of all, samples each, computes FID.
+
+    Writes <out>/runs/<name>/ (training runs), <out>/models.json, <out>/nll.npz, <out>/samples/<name>/ and
+    <out>/fid.json. `graph_dirs`: spec name -> graph folder (default p['graphs']). Returns models.json's list.
+    """
+    d = config.demo
+    graph_dirs = graph_dirs or {}
+    entries = []
+    for spec in specs:
+        gdir = graph_dirs.get(spec.name, p["graphs"])
+        ckpt = out / "runs" / spec.name / "model_ema.pth" if spec.trained else p["backbone"]
+        entries.append({"name": spec.name, "label": spec.label, "kind": spec.kind, "checkpoint": str(ckpt),
+                        "overrides": spec.overrides(gdir), "spec": asdict(spec)})
+        if spec.trained:
+            graphs = "+".join(GRAPH_SYMBOL[g] for g in spec.graphs) or "no graph (only mlm_layer trains)"
+            runner.run(f"train_{spec.name}", ["train_graph.py", *common, f"--config.output_dir={out / 'runs'}",
+                                              f"--config.run_name={spec.name}", *spec.overrides(gdir)],
+                       f"{spec.label}: {graphs}{' (shuffled)' if spec.shuffled else ''}"
+                       f"{' with GAT' if spec.gnn == 'gat' else ''} on the frozen backbone, "
+                       f"{config.train.n_steps} steps of {config.train.batch_size}")
+    write_json(out / "models.json", entries)
+    runner.run("nll", ["-m", "demo.evaluate", "nll", *common, "--models", str(out / "models.json"),
+                       "--tokens", str(p["heldout_tokens"]), "--out", str(out / "nll.npz")],
+               f"held-out masked-token NLL of {len(specs)} models at mask ratios {tuple(d.nll_ratios)}")
+    for e in entries:
+        runner.run(f"samples_{e['name']}", ["generate_npz.py", "--model", e["kind"], "--checkpoint", e["checkpoint"],
+                                            "--num-samples", str(d.fid_samples), "--no-fid", "--labels", "balanced",
+                                            "--out", str(out / "samples" / e["name"]), "--device", "cpu",
+                                            "--batch-size", str(d.sample_batch_size), "--seed", str(d.sample_seed),
+                                            *common, *e["overrides"]],
+                   f"{d.fid_samples} samples of {e['label']} (seed {d.sample_seed}, balanced labels)")
+    runner.run("fid", ["-m", "demo.evaluate", "fid", *common, "--models", str(out / "models.json"),
+                       "--samples", str(out / "samples"), "--heldout", str(p["heldout_images"]),
+                       "--out", str(out / "fid.json"),
+                       *(["--reference-features", str(p["reference"])] if p.get("reference") else [])],
+               f"Inception features of {len(entries)} x {d.fid_samples} samples; FID and precision/recall against "
+               f"{d.fid_reference_per_class * config.model.num_classes} held-out images")
+    return entries
+
+
+# ----------------------------------------------------------------------------- make demo
+
+
+def demo_paths(out: Path, assets: Path, data_root: Path, d) -> dict:
+    """Every file and folder run_demo reads or writes (d: config.demo)."""
+    return {"tokens": out / "tokens" / "train", "heldout_tokens": out / "tokens" / d.heldout_split,
+            "heldout_images": data_root / d.heldout_split, "graphs": out / "graphs", "logs": out / "logs",
+            "tokenizer": assets / TOKENIZER_FILE, "backbone": assets / BACKBONE_FILE,
+            "reference": assets / d.reference_features if d.reference_features else None}
+
+
+def prepare_run(config_file, overrides, out, data_root, assets, outputs) -> tuple:
+    """What `make demo` and `make ablation` do first: load the config, check the demo weights, clear `outputs`
+    of earlier runs in `out`. -> (config_file, config, out, data_root, paths, cfg_overrides, common flags)."""
+    config_file = config_path(config_file)
+    config = load_demo_config(config_file, overrides)
+    d = config.demo
+    out = resolve(out)
+    data_root = resolve(data_root) if data_root else repo_path(d.data_root)
+    assets = resolve(assets) if assets else repo_path(d.assets)
+    p = demo_paths(out, assets, data_root, d)
+    for key in ("tokenizer", "backbone"):
+        if not p[key].is_file():
+            raise FileNotFoundError(f"demo weights not found: {p[key]} (rebuild them with `make demo-assets`)")
+    clean_outputs(out, outputs)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_overrides = [f"--config.{k}={v}" for k, v in overrides]
+    common = ["--config", str(config_file), *cfg_overrides, f"--config.data.path={p['tokens']}",
+              f"--config.tokenizer.checkpoint={p['tokenizer']}", f"--config.train.init_checkpoint={p['backbone']}",
+              f"--config.graph.dir={p['graphs']}"]
+    return config_file, config, out, data_root, p, cfg_overrides, common
+
+
+def prepare_tokens_and_graphs(runner, config, config_file, cfg_overrides, common, data_root, p, fashion_mnist,
+                              n_threads):
+    """The stages before any model: images -> train and held-out tokens -> the three graphs."""
+    d = config.demo
+    train_n = "all" if d.train_per_class <= 0 else d.train_per_class
+    data_stage(runner, config_file, cfg_overrides, data_root, fashion_mnist,
+               f"{d.source}: {config.model.num_classes} classes x ({train_n} train + {d.heldout_per_class} held-out "
+               f"'{d.heldout_split}') images")
+    token_stage(runner, "tokens_train", common, data_root, "train", p["tokens"], "tokenize the train images")
+    token_stage(runner, "tokens_heldout", common, data_root, d.heldout_split, p["heldout_tokens"],
+                f"tokenize the held-out '{d.heldout_split}' images (NLL)")
+    runner.run("graphs", ["-m", "graph_construction.build_graphs", "--tokens", str(p["tokens"]),
+                          "--num-threads", str(n_threads), *common], "G_co, G_s and G_p from the train tokens")
+
+
+def run_demo(config_file, overrides, out, data_root=None, assets=None, threads=0, fashion_mnist=None) -> dict:
+    """`make demo`: the three models on the committed demo weights; returns the metrics dict."""
+    from demo import report
+
+    t_start = time.time()
+    config_file, config, out, data_root, p, cfg_overrides, common = prepare_run(
+        config_file, overrides, out, data_root, assets, DEMO_OUTPUTS)
+    n_threads, why = pick_threads(threads)
+    specs = DEMO_MODELS
+    runner = Runner(p["logs"], n_threads, total_stages=6 + 2 * len(specs))
+    print(f"KA-MIG CPU demo ({config.demo.source}) -> {out}\n  config {config_file}; data {data_root}; "
+          f"weights {p['backbone'].parent}; threads {n_threads} ({why})", flush=True)
+    prepare_tokens_and_graphs(runner, config, config_file, cfg_overrides, common, data_root, p, fashion_mnist,
+                              n_threads)
+    entries = run_models(runner, config, config_file, common, specs, out, p, n_threads)
+    return report.demo_report(config, config_file, overrides, out, p, entries, runner, n_threads, why, t_start)
+
+
 # ----------------------------------------------------------------------------- make demo-assets
 
 
-def build_assets(config_file, backbone_config_file, overrides, work, assets, data_root=None, threads=0) -> dict:
-    """`make demo-assets`: data -> tokenizer -> tokens -> backbone pretraining; copies the weights to `assets`."""
+def build_assets(config_file, backbone_config_file, overrides, work, assets, data_root=None, threads=0,
+                 fashion_mnist=None, resume=False) -> dict:
+    """`make demo-assets`: data -> tokenizer -> tokens -> backbone -> held-out curve -> reference features.
+
+    resume: keep the work folder of an earlier run: its tokenizer and tokens are reused, and train_graph.py
+    resumes the backbone from its newest checkpoint (train.n_steps may have grown); the curve and the reference
+    features are made again. The manifest then lists every segment's stage times.
+    """
+    from demo import report
+
     t_start = time.time()
     config_file, backbone_config_file = config_path(config_file), config_path(backbone_config_file)
     config = load_demo_config(config_file, overrides)
+    backbone_cfg = load_demo_config(backbone_config_file, overrides)
+    d = config.demo
     work, assets = resolve(work), resolve(assets)
-    data_root = resolve(data_root) if data_root else repo_path(config.demo.data_root)
-    clean_outputs(work, ASSET_OUTPUTS)
+    data_root = resolve(data_root) if data_root else repo_path(d.data_root + "_assets")
+    previous = None
+    if resume and (work / "segments.json").is_file():
+        previous = json.loads((work / "segments.json").read_text())
+    if not resume:
+        clean_outputs(work, ASSET_OUTPUTS + ("segments.json",))
     work.mkdir(parents=True, exist_ok=True)
     n_threads, why = pick_threads(threads)
-    runner = Runner(work / "logs", n_threads, total_stages=4)
-    tokenizer, tokens = work / "tokenizer.pth", work / "tokens" / "train"
-    print(f"demo assets -> {assets} (work folder {work}); threads {n_threads} ({why})", flush=True)
+    curve, reference = bool(d.heldout_curve), bool(d.reference_features)
+    runner = Runner(work / "logs", n_threads, total_stages=6 + curve + reference)
+    tokenizer, tokens, heldout_tokens = work / "tokenizer.pth", work / "tokens" / "train", work / "tokens" / "heldout"
+    print(f"demo assets ({d.source}) -> {assets} (work folder {work}); threads {n_threads} ({why})", flush=True)
     cfg_overrides = [f"--config.{k}={v}" for k, v in overrides]
-    runner.run("data", ["-m", "demo.make_data", "--config", str(config_file), *cfg_overrides, "--out", str(data_root)],
-               "procedural images (the same seeds as make demo)")
-    runner.run("tokenizer", ["-m", "demo.train_tokenizer", "--config", str(config_file), *cfg_overrides,
-                             "--data", str(data_root / "train"), "--val", str(data_root / "val"), "--out", str(tokenizer)],
-               f"train the demo VQGAN, {config.tokenizer_train.steps} steps")
-    runner.run("tokens", ["extract_imagenet_feature.py", "--config", str(config_file), *cfg_overrides,
-                          f"--config.tokenizer.checkpoint={tokenizer}", "--path", str(data_root), "--split", "train",
-                          "--out", str(tokens), "--no-flip", "--workers", "0", "--device", "cpu", "--batch-size", "250",
-                          "--overwrite"],
-               "tokenize the train split")
+    data_overrides = [*cfg_overrides, f"--config.demo.train_per_class={d.assets_train_per_class}"]
+    train_n = "all" if d.assets_train_per_class <= 0 else d.assets_train_per_class
+    data_stage(runner, config_file, data_overrides, data_root, fashion_mnist,
+               f"{d.source}: {train_n} train images per class + {d.heldout_per_class} held-out per class")
+    if not (resume and tokenizer.is_file()):
+        runner.run("tokenizer", ["-m", "demo.train_tokenizer", "--config", str(config_file), *cfg_overrides,
+                                 "--data", str(data_root / "train"), "--val", str(data_root / d.heldout_split),
+                                 "--out", str(tokenizer)],
+                   f"train the demo VQGAN, {config.tokenizer_train.steps} steps")
+    common = ["--config", str(config_file), *cfg_overrides, f"--config.tokenizer.checkpoint={tokenizer}"]
+    token_stage(runner, "tokens_train", common, data_root, "train", tokens, "tokenize the train split",
+                overwrite=not resume)
+    token_stage(runner, "tokens_heldout", common, data_root, d.heldout_split, heldout_tokens,
+                f"tokenize the held-out '{d.heldout_split}' split", overwrite=not resume)
     runner.run("backbone", ["train_graph.py", "--config", str(backbone_config_file), *cfg_overrides,
                             f"--config.output_dir={work}", "--config.run_name=backbone",
                             f"--config.data.path={tokens}", f"--config.tokenizer.checkpoint={tokenizer}"],
-               "pretrain the demo AutoNAT backbone (train_graph.py, mode pretrain)")
+               f"pretrain the demo AutoNAT backbone (train_graph.py, mode pretrain), {backbone_cfg.train.n_steps} "
+               f"steps of {backbone_cfg.train.batch_size}")
+    if curve:
+        runner.run("heldout_curve", ["-m", "demo.evaluate", "curve", "--config", str(backbone_config_file),
+                                     *cfg_overrides, "--run", str(work / "backbone"), "--tokens", str(heldout_tokens),
+                                     "--out", str(work / "curve.csv")],
+                   "held-out masked-token NLL of every saved backbone checkpoint (raw and EMA weights)")
+    if reference:
+        runner.run("fid_reference", ["-m", "demo.evaluate", "reference", *common,
+                                     "--heldout", str(data_root / d.heldout_split),
+                                     "--out", str(work / "reference.npz")],
+                   f"Inception features of the {d.fid_reference_per_class * config.model.num_classes} held-out "
+                   f"FID reference images")
     assets.mkdir(parents=True, exist_ok=True)
     copy_atomic(tokenizer, assets / TOKENIZER_FILE)
     copy_atomic(Path(str(tokenizer) + ".json"), assets / (TOKENIZER_FILE + ".json"))
     copy_atomic(work / "backbone" / "model_ema.pth", assets / BACKBONE_FILE)
     copy_atomic(work / "backbone" / "log.csv", assets / "autonat_demo_log.csv")
-    backbone_cfg = load_demo_config(backbone_config_file, overrides)
+    files = [TOKENIZER_FILE, BACKBONE_FILE]
+    if curve:
+        copy_atomic(work / "curve.csv", assets / f"{CURVE_FILE}.csv")
+        report.curve_figure(assets / f"{CURVE_FILE}.csv", assets / "autonat_demo_log.csv", assets / f"{CURVE_FILE}.png")
+    if reference:
+        copy_atomic(work / "reference.npz", assets / d.reference_features)
+        files.append(d.reference_features)
     log = read_train_log(work / "backbone" / "log.csv")
     manifest = {
         "recipe": "make demo-assets (python -m demo.make_assets): demo/make_data.py -> demo/train_tokenizer.py -> "
-                  "extract_imagenet_feature.py -> train_graph.py (mode pretrain)",
+                  "extract_imagenet_feature.py -> train_graph.py (mode pretrain)"
+                  + (" -> demo/evaluate.py curve" if curve else "")
+                  + (" -> demo/evaluate.py reference" if reference else ""),
+        "source": d.source,
         "config": shown_path(config_file), "backbone_config": shown_path(backbone_config_file),
         "overrides": cfg_overrides,
-        "files": {name: {"bytes": (assets / name).stat().st_size, "sha256": sha256(assets / name)}
-                  for name in (TOKENIZER_FILE, BACKBONE_FILE)},
+        "files": {name: {"bytes": (assets / name).stat().st_size, "sha256": file_sha256(assets / name)}
+                  for name in files},
         "tokenizer": json.loads((assets / (TOKENIZER_FILE + ".json")).read_text())["report"],
         "backbone": {"steps": int(backbone_cfg.train.n_steps), "batch_size": int(backbone_cfg.train.batch_size),
-                     **loss_start_end(log)},
+                     **report.loss_start_end(log)},
         "stage_seconds": dict(runner.seconds), "total_seconds": round(time.time() - t_start, 2),
         "threads": n_threads, "threads_reason": why,
     }
+    segments = (previous or []) + [{"stage_seconds": dict(runner.seconds), "total_seconds": manifest["total_seconds"],
+                                    "threads": n_threads, "backbone_steps": int(backbone_cfg.train.n_steps)}]
+    write_json(work / "segments.json", segments)
+    if len(segments) > 1:
+        manifest["segments"] = segments
+        manifest["total_seconds_all_segments"] = round(sum(seg["total_seconds"] for seg in segments), 2)
+    if curve:
+        manifest["heldout_curve"] = report.read_curve(assets / f"{CURVE_FILE}.csv")[-1]
     write_json(assets / MANIFEST_FILE, manifest)
     total = sum(f["bytes"] for f in manifest["files"].values())
     print(f"\nwrote {assets}: {', '.join(manifest['files'])} ({total / 2 ** 20:.1f} MiB) in "
           f"{manifest['total_seconds']:.0f} s", flush=True)
     return manifest
-
-
-def copy_atomic(src: Path, dst: Path):
-    """Copies a file so that `dst` is never half written."""
-    return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
-
-
-def sha256(path: Path) -> str:
-    return file_sha256(path)

@@ -1,36 +1,49 @@
-"""`make demo`: the whole KA-MIG pipeline end to end on CPU, on procedural images and the committed demo weights.
+"""`make demo`: KA-MIG against a head-only control and the bare backbone on real images (Fashion-MNIST), on CPU.
 
-    python -m demo.run_demo                       # configs/demo.py -> output/demo/
-    python -m demo.run_demo --smoke               # configs/demo_smoke.py: a tiny run for the tests
-    python -m demo.run_demo --config.demo.fid_samples=500 --threads 2
-Runs demo.make_data, extract_imagenet_feature.py, graph_construction.build_graphs, train_graph.py,
-generate_img.py, python -m libs.evaluation.fid_stats and generate_npz.py (KA-MIG and the bare backbone) as
-subprocesses; writes grids, metrics.json, summary.txt and logs/ to the output folder.
+    python -m demo.run_demo                            # Fashion-MNIST, configs/demo_fashion.py -> output/demo/
+    python -m demo.run_demo --dataset synthetic        # procedural images, configs/demo.py -> output/demo_synthetic/
+    python -m demo.run_demo --fashion-mnist DIR        # the idx files from DIR (e.g. torchvision's FashionMNIST/raw)
+    python -m demo.run_demo --smoke                    # a tiny run for the tests (configs/demo_*smoke.py)
+Runs demo.make_data, extract_imagenet_feature.py (train and held-out), graph_construction.build_graphs,
+train_graph.py (control and KA-MIG), demo.evaluate nll, generate_npz.py (each model) and demo.evaluate fid as
+subprocesses; writes grids, comparison.png, curves.png, metrics.json, summary.txt and logs/ to the output folder.
 """
 import argparse
 import sys
 
 from demo.pipeline import StageFailed, load_demo_config, parse_demo_args, run_demo
 
+CONFIGS = {("fashion_mnist", False): "configs/demo_fashion.py",
+           ("fashion_mnist", True): "configs/demo_fashion_smoke.py",
+           ("synthetic", False): "configs/demo.py", ("synthetic", True): "configs/demo_smoke.py"}
+DATASETS = {"fashion_mnist": "fashion_mnist", "fashion": "fashion_mnist", "synthetic": "synthetic"}
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="fashion_mnist", choices=sorted(DATASETS),
+                        help="fashion_mnist (default) or synthetic (the procedural images); picks the default config")
     parser.add_argument("--config", default=None,
-                        help="demo config (default configs/demo.py, or configs/demo_smoke.py with --smoke); "
-                             "override any value with --config.<key>=<value>")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes (configs/demo_smoke.py), for the tests")
+                        help="demo config (default configs/demo_fashion.py, configs/demo.py with --dataset synthetic; "
+                             "the *_smoke.py ones with --smoke); override any value with --config.<key>=<value>")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the tests")
     parser.add_argument("--out", default=None, help="output folder (default config.output_dir)")
-    parser.add_argument("--data", default=None, help="data root for the ImageFolder trees (default config.demo.data_root)")
+    parser.add_argument("--data", default=None,
+                        help="data root for the ImageFolder trees (default config.demo.data_root)")
     parser.add_argument("--assets", default=None, help="folder of the demo weights (default config.demo.assets)")
+    parser.add_argument("--fashion-mnist", default=None, metavar="DIR",
+                        help="folder with the four Fashion-MNIST idx files, gzipped or not (default: "
+                             "/usr/share/datasets/fashion-mnist, else data/fashion-mnist, else fetched with apt-get)")
     args, overrides = parse_demo_args(parser, argv)
 
-    config_file = args.config or ("configs/demo_smoke.py" if args.smoke else "configs/demo.py")
+    config_file = args.config or CONFIGS[(DATASETS[args.dataset], args.smoke)]
     try:
         config = load_demo_config(config_file, overrides)  # unknown keys fail here, before any work
     except (KeyError, ValueError, FileNotFoundError) as e:
         parser.error(str(e.args[0] if e.args else e))
     try:
-        return run_demo(config_file, overrides, args.out or config.output_dir, args.data, args.assets, args.threads)
+        return run_demo(config_file, overrides, args.out or config.output_dir, args.data, args.assets, args.threads,
+                        args.fashion_mnist)
     except (StageFailed, FileNotFoundError) as e:
         sys.exit(f"demo failed: {e}")
 

@@ -1,4 +1,4 @@
-"""The CPU demo: procedural data, tokenizer training, committed weights, and a smoke run of the pipeline."""
+"""The CPU demo: data, tokenizer training, committed weights, the measurement helpers, and smoke runs of the drivers."""
 import json
 import math
 import subprocess
@@ -146,23 +146,31 @@ def test_train_tokenizer_entry_is_seeded(tmp_path, one_thread):
 # ----------------------------------------------------------------------------- committed weights
 
 
-def test_committed_demo_weights_load_and_are_small():
-    from configs import demo
+@pytest.mark.parametrize("config_name", ["demo", "demo_fashion"])
+def test_committed_demo_weights_load_and_match_their_manifest(config_name):
+    import importlib
     from libs.checkpoint import file_sha256, load_state_dict_file, load_strict
     from libs.models.autonat import AutoNAT
     from libs.models.factory import backbone_config, load_tokenizer
-    config = demo.get_config()
+    config = importlib.import_module(f"configs.{config_name}").get_config()
     assets = REPO / config.demo.assets
     manifest = json.loads((assets / "manifest.json").read_text())
-    total = 0
     for name, info in manifest["files"].items():
-        assert file_sha256(assets / name) == info["sha256"], f"{name} differs from demo/assets/manifest.json"
-        total += (assets / name).stat().st_size
-    assert total < 20 * 2 ** 20
+        assert file_sha256(assets / name) == info["sha256"], f"{name} differs from {assets}/manifest.json"
     tokenizer = load_tokenizer(config.tokenizer, checkpoint=REPO / config.tokenizer.checkpoint)
     assert tokenizer.grid_size ** 2 == config.model.seq_len
     backbone = AutoNAT(backbone_config(config.model))
     load_strict(backbone, load_state_dict_file(REPO / config.train.init_checkpoint))
+    if config.demo.reference_features:
+        with np.load(assets / config.demo.reference_features) as z:
+            n = config.model.num_classes * config.demo.fid_reference_per_class
+            assert z["features"].shape == (n, 2048) and z["features"].dtype == np.float16
+            assert np.isfinite(z["features"]).all() and len(str(z["images_sha256"])) == 64
+
+
+def test_committed_demo_assets_stay_small():
+    total = sum(p.stat().st_size for p in (REPO / "demo" / "assets").rglob("*") if p.is_file())
+    assert total < 20 * 2 ** 20
 
 
 def test_run_demo_names_missing_weights(tmp_path, capsys):
@@ -175,7 +183,205 @@ def test_run_demo_names_missing_weights(tmp_path, capsys):
     assert "no_such_key" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- the pipeline, end to end
+# ----------------------------------------------------------------------------- the three models
+
+
+def test_control_is_ka_mig_without_graphs_and_trains_only_the_head(tmp_path):
+    """The head-only control: a KA-MIG with every graph off equals its backbone, reads no graph file, and the
+    ka_mig training mode trains mlm_layer alone."""
+    from libs.models.factory import for_sampling
+    from libs.training.trainer import Trainer
+    from tests.helpers import K, L, synthetic_tokens, tiny_backbone, tiny_config
+    config = tiny_config(tmp_path, "ka_mig", n_steps=3, lr=1e-2)
+    for switch in ("use_co", "use_sim", "use_incompat"):
+        config.graph[switch] = False
+    config.graph.dir = str(tmp_path / "no_graphs_here")
+    backbone = tiny_backbone(depth=2).eval()
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pth")
+    config.train.init_checkpoint = str(tmp_path / "backbone.pth")
+    tokens, labels = synthetic_tokens()
+    trainer = Trainer(config, tokens, labels)
+    model = trainer.unwrapped
+    assert not any(k.startswith("graph_layer.") for k in model.state_dict())
+    assert trainer.trained_names and all(n.startswith("mlm_layer.") for n in trainer.trained_names)
+    ids, cls = torch.randint(0, K + 1, (3, L)), torch.tensor([0, 1, 4])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids, cls), backbone(ids, cls))
+        assert torch.equal(for_sampling(model)(ids, cls), backbone(ids, cls))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.fit()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and all(n.startswith("mlm_layer.") for n in changed)
+    assert (tmp_path / "out" / config.run_name / "model_ema.pth").is_file()
+
+
+def test_model_specs_give_the_graph_switches():
+    from demo.pipeline import BACKBONE, CONTROL, DEMO_MODELS, KA_MIG
+    assert [s.name for s in DEMO_MODELS] == ["backbone", "control", "ka_mig"]
+    assert BACKBONE.overrides("g") == [] and BACKBONE.kind == "autonat"
+    assert CONTROL.overrides("g")[:3] == ["--config.graph.use_co=false", "--config.graph.use_sim=false",
+                                          "--config.graph.use_incompat=false"]
+    assert KA_MIG.overrides("g")[:3] == ["--config.graph.use_co=true", "--config.graph.use_sim=true",
+                                         "--config.graph.use_incompat=true"]
+    assert "--config.graph.dir=g" in KA_MIG.overrides("g")
+
+
+def test_ablation_has_every_subset_gat_shuffled_and_a_second_seed():
+    from demo.ablation import ablation_models
+    specs = ablation_models()
+    names = [s.name for s in specs]
+    assert names[:2] == ["backbone", "control"] and len(set(names)) == len(names) == 13
+    subsets = [tuple(s.graphs) for s in specs if s.graphs and s.gnn == "gcn" and not s.shuffled and s.seed is None]
+    assert len(subsets) == len(set(subsets)) == 7
+    assert [s.gnn for s in specs if s.name == "gat"] == ["gat"]
+    assert [s.shuffled for s in specs if s.name == "shuffled"] == [True]
+    seeded = {s.name: s for s in specs if s.seed is not None}
+    assert set(seeded) == {"control_seed1", "ka_mig_seed1"}
+    assert "--config.seed=1" in seeded["ka_mig_seed1"].overrides("g") and seeded["control_seed1"].graphs == ()
+
+
+def _ablation_numbers(gain: float, seed_change: float, vs_shuffled_hi: float):
+    """Rows and NLL differences shaped like an ablation run: every graph model gains `gain` over the control."""
+    def iv(mean, half=0.0003):
+        return {"overall": {"mean": mean, "lo": mean - half, "hi": mean + half}}
+    rows = [{"model": "backbone", "label": "backbone", "nll_minus_backbone": None, "fid_minus_control_hi": None}]
+    for name in ("control", "co", "ka_mig", "shuffled", "control_seed1", "ka_mig_seed1"):
+        g = 0.0 if name == "control" else gain
+        rows.append({"model": name, "label": name, "nll_minus_control": g, "nll_minus_control_lo": g - 3e-4,
+                     "nll_minus_control_hi": g + 3e-4 if name != "control" else None,
+                     "nll_minus_backbone": 0.002 + g, "nll_minus_backbone_lo": 0.0015 + g,
+                     "nll_minus_backbone_hi": 0.0025 + g, "fid_minus_control_hi": 0.5})
+    diffs = {"control_seed1-control": iv(seed_change), "ka_mig-control": iv(gain), "ka_mig_seed1-control_seed1":
+             iv(gain), "ka_mig-shuffled": {"overall": {"mean": vs_shuffled_hi - 3e-4, "lo": vs_shuffled_hi - 6e-4,
+                                                        "hi": vs_shuffled_hi}}}
+    diag = {"ka_mig": {"term_over_hidden_per_block": [0.01, 0.02], "grad_norm": {"zero_convs": 0.02}}}
+    return rows, {"differences": diffs}, diag
+
+
+def test_ablation_reading_separates_knowledge_from_training_noise():
+    from demo.ablation import reading
+    noise = reading(*_ablation_numbers(gain=-0.001, seed_change=-0.0009, vs_shuffled_hi=1e-5))
+    assert "about the size of the control's own seed-to-seed change" in noise
+    assert "the real graphs are not better" in noise and "Verdict: at this scale there is no evidence" in noise
+    assert "higher held-out NLL than the frozen backbone" in noise and "1.0% to 2.0%" in noise
+    real = reading(*_ablation_numbers(gain=-0.01, seed_change=-0.0009, vs_shuffled_hi=-0.005))
+    assert "well above the control's own seed-to-seed change" in real and "the real graphs are better" in real
+    assert "Verdict" not in real
+
+def test_shuffled_graphs_keep_structure_and_move_the_tokens(tmp_path):
+    from demo.ablation import shuffle_graphs
+    from libs.graphs.files import graph_paths, load_edge_graph, load_incompatibility, save_edge_graph, \
+        save_incompatibility
+    from libs.graphs.recipes import unpack_occurrence_torch
+    from tests.helpers import K, tiny_graphs
+    graphs = tiny_graphs()
+    src = graph_paths(tmp_path / "g")
+    save_edge_graph(src["co"], *graphs["co"], meta={"codebook_size": K})
+    save_edge_graph(src["sim"], *graphs["sim"], meta={"codebook_size": K})
+    save_incompatibility(src["incompat"], graphs["incompat"].numpy(), meta={"codebook_size": K, "grid": 4})
+    info = shuffle_graphs(tmp_path / "g", tmp_path / "s", K, seed=0)
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(K))
+    assert info["permutation_head"] == perm[:8].tolist()
+    dst = graph_paths(tmp_path / "s")
+    for name in ("co", "sim"):
+        (i0, w0, n0), (i1, w1, n1) = load_edge_graph(src[name]), load_edge_graph(dst[name])
+        assert torch.equal(i1, perm[i0]) and torch.equal(w1, w0) and n1 == n0 == K
+        assert not torch.equal(i1, i0)
+    o0 = unpack_occurrence_torch(load_incompatibility(src["incompat"])["packed"], K)
+    o1 = unpack_occurrence_torch(load_incompatibility(dst["incompat"])["packed"], K)
+    assert torch.equal(o1[..., perm], o0) and torch.equal(o1.sum(-1), o0.sum(-1)) and not torch.equal(o1, o0)
+
+
+# ----------------------------------------------------------------------------- measurement helpers
+
+
+def test_fid_from_the_sample_factor_equals_the_repo_fid():
+    from demo.evaluate import Reference, fid_to_reference
+    from libs.evaluation import metrics
+    rng = np.random.default_rng(0)
+    ref = rng.gamma(2.0, 1.0, (60, 16))
+    x = rng.gamma(2.2, 1.1, (40, 16))
+    expected = metrics.frechet_distance(*metrics.feature_statistics(x), *metrics.feature_statistics(ref))
+    assert fid_to_reference(x, Reference(ref)) == pytest.approx(expected, rel=1e-9)
+    few = rng.gamma(2.0, 1.0, (8, 16))  # rank-deficient covariances (n < D) as with 1,000 x 2048 features
+    expected = metrics.frechet_distance(*metrics.feature_statistics(few), *metrics.feature_statistics(ref[:10]))
+    assert fid_to_reference(few, Reference(ref[:10])) == pytest.approx(expected, rel=1e-8)
+
+
+def test_half_sample_spread_estimates_the_sampling_sd_and_pairs_models():
+    """The spread of FID over random halves matches the SD of FID over independent sample sets."""
+    from demo.evaluate import Reference, fid_to_reference, half_sample_spread
+    rng = np.random.default_rng(1)
+    D, n = 6, 200
+    ref = Reference(rng.normal(0, 1, (400, D)))
+    draw = lambda: rng.normal(0.3, 1.2, (n, D))  # noqa: E731
+    true_sd = np.std([fid_to_reference(draw(), ref) for _ in range(300)], ddof=1)
+    x = draw()
+    spread = half_sample_spread({"a": x, "b": x.copy(), "c": x + 0.05}, ref, n_subsets=200, seed=0,
+                                pairs=[("b", "a"), ("c", "a")])
+    assert 0.7 < spread["sd"]["a"] / true_sd < 1.4
+    assert spread["diff_sd"]["b-a"] == 0.0  # identical samples: no spread in the difference
+    assert 0 < spread["diff_sd"]["c-a"] < spread["sd"]["a"]  # paired halves: the shared noise cancels
+    with pytest.raises(ValueError, match="same number"):
+        half_sample_spread({"a": x, "b": x[:10]}, ref, 3, 0)
+
+
+def test_reference_features_are_used_only_for_the_same_images(tmp_path):
+    from demo.evaluate import images_sha256, load_reference_features
+    from libs.atomic_io import atomic_savez
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    feats = np.random.default_rng(1).random((4, 16)).astype(np.float16)
+    atomic_savez(tmp_path / "ref.npz", {"features": feats, "images_sha256": np.asarray(images_sha256(images))})
+    loaded, note = load_reference_features(tmp_path / "ref.npz", images_sha256(images))
+    assert loaded.dtype == np.float64 and np.array_equal(loaded, feats.astype(np.float64)) and "same images" in note
+    other = images.copy()
+    other[0, 0, 0, 0] ^= 1  # one pixel differs
+    assert load_reference_features(tmp_path / "ref.npz", images_sha256(other))[0] is None
+    assert load_reference_features(tmp_path / "absent.npz", images_sha256(images))[0] is None
+
+
+def test_select_rows_spreads_evenly():
+    from demo.evaluate import select_rows
+    rows = select_rows(2000, 1000)
+    assert len(rows) == 1000 and rows[0] == 0 and np.all(np.diff(rows) == 2)
+    labels = np.repeat(np.arange(10), 200)
+    assert np.array_equal(np.bincount(labels[rows]), np.full(10, 100))  # class-sorted rows stay balanced
+    assert np.array_equal(select_rows(50, 0), np.arange(50)) and np.array_equal(select_rows(50, 80), np.arange(50))
+
+
+def test_nll_summary_intervals_and_paired_differences(tmp_path):
+    from demo.report import nll_summary, verdict
+    from libs.atomic_io import atomic_savez
+    from libs.evaluation.nll import t_interval
+    rng = np.random.default_rng(0)
+    base = rng.normal(3.0, 0.5, (300, 2))
+    nll = np.stack([base, base - 0.01 + rng.normal(0, 0.005, base.shape), base + rng.normal(0, 0.005, base.shape)])
+    atomic_savez(tmp_path / "nll.npz", {"names": np.asarray(["backbone", "ka_mig", "control"]), "nll": nll,
+                                         "ratios": np.asarray([0.3, 0.7]), "seed": np.asarray(0)})
+    s = nll_summary(tmp_path / "nll.npz")
+    assert s["models"]["ka_mig"]["overall"] == t_interval(nll[1].mean(1))
+    d = s["differences"]["ka_mig-control"]["overall"]
+    assert d["hi"] < 0 and d["mean"] == pytest.approx(-0.01, abs=0.002)
+    assert "better than" in verdict(d, "KA-MIG", "control", "nats")
+    assert "NOT distinguishable" in verdict(s["differences"]["control-backbone"]["overall"], "c", "b", "nats")
+    assert set(s["differences"]) == {"ka_mig-control", "ka_mig-backbone", "control-backbone"}
+    assert len(s["differences"]["ka_mig-control"]["per_ratio"]) == 2
+
+
+def test_line_chart_draws_bands_and_lines():
+    from demo.figures import line_chart, nice_ticks
+    assert nice_ticks(0.0, 1.0) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert nice_ticks(3.1, 3.9, 5)[0] >= 3.1
+    img = line_chart([{"label": "a", "x": [0.1, 0.5, 0.9], "y": [1.0, 2.0, 3.0], "lo": [0.5, 1.5, 2.5],
+                       "hi": [1.5, 2.5, 3.5], "color": (255, 0, 0)}], "t", "x", "y", size=(300, 200))
+    px = np.asarray(img)
+    red = (px[..., 0] > 200) & (px[..., 1] < 60) & (px[..., 2] < 60)
+    band = (px[..., 0] > 230) & (px[..., 1] > 150) & (px[..., 1] < 230)  # translucent red over white
+    assert red.sum() > 100 and band.sum() > 1000 and img.size[1] == 200 and img.size[0] > 300
+
+
+# ----------------------------------------------------------------------------- the drivers, end to end
 
 
 def png_decodes(path) -> tuple:
@@ -184,70 +390,101 @@ def png_decodes(path) -> tuple:
         return im.size
 
 
+def fake_fashion_mnist(folder, train_per_class=5, test_per_class=3):
+    """Random 28x28 'images' in the four idx files of Fashion-MNIST (the real data is never needed)."""
+    from demo.fashion_mnist import write_idx_folder
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        labels = rng.permutation(np.repeat(np.arange(10), n)).astype(np.uint8)
+        splits[split] = (rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8), labels)
+    return write_idx_folder(folder, splits)
+
+
 def test_demo_smoke_run_writes_every_artifact(tmp_path):
-    """`python -m demo.run_demo --smoke`: every real script runs once at tiny size; all outputs exist and are valid."""
+    """`python -m demo.run_demo --smoke`: every real script runs at tiny size on small idx files written here."""
     out, data = tmp_path / "out", tmp_path / "data"
-    proc = subprocess.run([sys.executable, "-m", "demo.run_demo", "--smoke", "--out", str(out), "--data", str(data)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    idx = fake_fashion_mnist(tmp_path / "idx")
+    proc = subprocess.run([sys.executable, "-m", "demo.run_demo", "--smoke", "--out", str(out), "--data", str(data),
+                           "--fashion-mnist", str(idx), "--threads", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    from configs import demo_smoke
-    config = demo_smoke.get_config()
+    from configs import demo_fashion_smoke
+    config = demo_fashion_smoke.get_config()
     d, C = config.demo, config.model.num_classes
     # data, tokens, graphs
     assert len(list((data / "train").rglob("*.png"))) == C * d.train_per_class
-    assert len(list((data / "val").rglob("*.png"))) == C * d.val_per_class
-    assert json.loads((out / "tokens" / "train" / "meta.json").read_text())["num_rows"] == C * d.train_per_class
-    for name in ("codebook_co_occurrence_norm_self_50.pkl", "codebook_replace_graph_norm_self.pkl", "incompatibility.npz"):
+    assert len(list((data / "test").rglob("*.png"))) == C * d.heldout_per_class
+    assert json.loads((out / "tokens" / "test" / "meta.json").read_text())["num_rows"] == C * d.heldout_per_class
+    for name in ("codebook_co_occurrence_norm_self_50.pkl", "codebook_replace_graph_norm_self.pkl",
+                 "incompatibility.npz"):
         assert (out / "graphs" / name).is_file()
-    # training
-    assert (out / "ka_mig" / "model_ema.pth").is_file()
-    log = (out / "ka_mig" / "log.csv").read_text().splitlines()
-    assert log[0].startswith("step,loss") and len(log) == 1 + config.train.n_steps
-    # grids and the comparison figure
-    w, h = png_decodes(out / "grid_ka_mig.png")
-    assert w == d.grid_per_class * 32 and h >= C * 32
-    png_decodes(out / "grid_backbone.png")
-    png_decodes(out / "comparison.png")
-    # samples and FID of both models, same labels
-    npz = {k: np.load(out / f"fid_{k}" / "samples.npz") for k in ("ka_mig", "backbone")}
-    for k, z in npz.items():
-        assert z["arr_0"].shape == (d.fid_samples, 32, 32, 3) and z["arr_0"].dtype == np.uint8, k
-    assert np.array_equal(npz["ka_mig"]["labels"], npz["backbone"]["labels"])
-    ref = np.load(out / "fid_ref_val.npz")
-    assert ref["mu"].shape == (2048,) and int(ref["n"]) == C * d.val_per_class
+    # the control and KA-MIG trained the same way
+    for run in ("control", "ka_mig"):
+        assert (out / "runs" / run / "model_ema.pth").is_file()
+        assert len((out / "runs" / run / "log.csv").read_text().splitlines()) == 1 + config.train.n_steps
+    control = torch.load(out / "runs" / "control" / "model_ema.pth", weights_only=True)
+    assert not any(k.startswith("graph_layer.") for k in control)
+    # NLL of the three models on the same held-out tokens
+    with np.load(out / "nll.npz") as z:
+        assert z["names"].tolist() == ["backbone", "control", "ka_mig"]
+        assert z["nll"].shape == (3, C * d.heldout_per_class, len(d.nll_ratios)) and np.isfinite(z["nll"]).all()
+    # samples (same labels), FID
+    labels = [np.load(out / "samples" / m / "samples.npz")["labels"] for m in ("backbone", "control", "ka_mig")]
+    assert all(np.array_equal(labels[0], lab) for lab in labels) and len(labels[0]) == d.fid_samples
+    fid = json.loads((out / "fid.json").read_text())
+    assert set(fid["models"]) == {"backbone", "control", "ka_mig"} and "ka_mig-control" in fid["differences"]
+    assert fid["n_reference"] == C * d.fid_reference_per_class
+    assert "computed by this run" in fid["reference"]["features"]  # committed features describe other images
+    for m in fid["models"].values():
+        assert math.isfinite(m["fid"]) and m["lo"] <= m["fid"] <= m["hi"]
+    # figures, metrics, summary
+    for name in ("grid_backbone.png", "grid_control.png", "grid_ka_mig.png", "comparison.png", "curves.png"):
+        png_decodes(out / name)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["fid"]) == {"ka_mig", "backbone"}
-    assert all(math.isfinite(v) and v >= 0 for v in metrics["fid"].values())
-    assert metrics["num_samples"] == d.fid_samples
-    assert metrics["num_samples_per_model"] == {"ka_mig": d.fid_samples, "backbone": d.fid_samples}
-    assert metrics["ka_mig_better"] == (metrics["fid"]["ka_mig"] < metrics["fid"]["backbone"])
-    stages = ["data", "tokens", "graphs", "train_ka_mig", "grid_ka_mig", "grid_backbone", "fid_reference",
-              "fid_ka_mig", "fid_backbone"]
+    nll = metrics["nll"]
+    assert set(nll["differences"]) == {"ka_mig-control", "ka_mig-backbone", "control-backbone"}
+    o = nll["models"]["ka_mig"]["overall"]
+    assert o["lo"] <= o["mean"] <= o["hi"] and o["n"] == C * d.heldout_per_class
+    beyond = nll["differences"]["ka_mig-control"]["overall"]["hi"] < 0
+    assert metrics["verdicts"]["nll ka_mig-control beyond noise"] == beyond
+    stages = ["data", "tokens_train", "tokens_heldout", "graphs", "train_control", "train_ka_mig", "nll",
+              "samples_backbone", "samples_control", "samples_ka_mig", "fid"]
     assert list(metrics["stage_seconds"]) == stages
-    assert all(v > 0 for v in metrics["stage_seconds"].values())
-    assert sorted(p.name for p in (out / "logs").iterdir()) == [f"{i + 1:02d}_{s}.log" for i, s in enumerate(stages)]
+    logs = sorted(p.name for p in (out / "logs").iterdir())
+    assert logs == [f"{i + 1:02d}_{s}.log" for i, s in enumerate(stages)]
     summary = (out / "summary.txt").read_text()
-    assert "FID KA-MIG" in summary and "FID backbone" in summary and summary in proc.stdout
+    assert "Held-out masked-token NLL" in summary and "KA-MIG - control" in summary and summary in proc.stdout
 
 
 def test_make_assets_recipe_smoke(tmp_path):
-    """`python -m demo.make_assets` at tiny size: tokenizer + backbone weights that load strictly, and a true manifest."""
-    from configs import demo_smoke
+    """`python -m demo.make_assets` at tiny size on small idx files: weights that load strictly, the held-out curve,
+    the FID reference features and a true manifest."""
+    from configs import demo_fashion_smoke
     from libs.models.autonat import AutoNAT
-    from libs.models.factory import backbone_config
+    from libs.models.factory import backbone_config, load_tokenizer
     from libs.checkpoint import file_sha256, load_state_dict_file, load_strict
-    from libs.models.factory import load_tokenizer
     assets = tmp_path / "assets"
-    proc = subprocess.run([sys.executable, "-m", "demo.make_assets", "--config", "configs/demo_smoke.py",
+    idx = fake_fashion_mnist(tmp_path / "idx")
+    proc = subprocess.run([sys.executable, "-m", "demo.make_assets", "--config", "configs/demo_fashion_smoke.py",
                            "--assets", str(assets), "--work", str(tmp_path / "work"), "--data", str(tmp_path / "data"),
-                           "--config.train.n_steps=2", "--config.train.batch_size=8", "--config.train.log_interval=1"],
+                           "--fashion-mnist", str(idx), "--threads", "1", "--config.train.n_steps=2",
+                           "--config.train.batch_size=8", "--config.train.log_interval=1",
+                           "--config.train.save_interval=1"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     manifest = json.loads((assets / "manifest.json").read_text())
-    assert list(manifest["stage_seconds"]) == ["data", "tokenizer", "tokens", "backbone"]
+    assert list(manifest["stage_seconds"]) == ["data", "tokenizer", "tokens_train", "tokens_heldout", "backbone",
+                                               "heldout_curve", "fid_reference"]
     for name, info in manifest["files"].items():
         assert file_sha256(assets / name) == info["sha256"]
-    config = demo_smoke.get_config()
+    config = demo_fashion_smoke.get_config()
     load_tokenizer(config.tokenizer, checkpoint=assets / "vqgan_demo.pth")
     load_strict(AutoNAT(backbone_config(config.model)), load_state_dict_file(assets / "autonat_demo.pth"))
     assert manifest["backbone"]["steps"] == 2 and (assets / "autonat_demo_log.csv").is_file()
+    curve = (assets / "autonat_demo_heldout_curve.csv").read_text().splitlines()
+    assert curve[0].startswith("step,images,train_loss,raw_nll") and len(curve) == 3  # steps 1 and 2
+    png_decodes(assets / "autonat_demo_heldout_curve.png")
+    n_ref = config.model.num_classes * config.demo.fid_reference_per_class
+    with np.load(assets / "fid_reference_test.npz") as z:
+        assert z["features"].shape == (n_ref, 2048) and z["files"].shape == (n_ref,)

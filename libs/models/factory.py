@@ -44,9 +44,10 @@ def backbone_config(model_cfg) -> AutoNATConfig:
 
 
 def graph_config(graph_cfg) -> GraphConfig:
-    """GraphConfig (switches and GCN depth) from a config's `graph` block."""
+    """GraphConfig (switches, encoder depth and kind) from a config's `graph` block; a block without `gnn`
+    (configs written before the GAT encoder) means "gcn". ValueError for an unknown encoder."""
     return GraphConfig(use_co=graph_cfg.use_co, use_sim=graph_cfg.use_sim, use_incompat=graph_cfg.use_incompat,
-                       gcn_layers=graph_cfg.gcn_layers)
+                       gcn_layers=graph_cfg.gcn_layers, gnn=graph_cfg.get("gnn", "gcn"))
 
 
 def load_graphs(config) -> dict:

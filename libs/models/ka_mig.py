@@ -1,4 +1,4 @@
-"""KA-MIG: GCN encoders of the knowledge graphs fused into every block of a frozen AutoNAT backbone.
+"""KA-MIG: GCN (or GAT) encoders of the knowledge graphs fused into every block of a frozen AutoNAT backbone.
 
 Architecture, checkpoint names and the fusion-table identity: docs/reference.md#ka-mig-graph-encoder-and-fusion.
 """
@@ -9,16 +9,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from libs.models.autonat import AutoNAT, AutoNATConfig
+from libs.models.gat import GAT, gat_edges
 from libs.graphs.recipes import incompatibility_rows, unpack_occurrence_torch
+
+GNN_KINDS = ("gcn", "gat")
 
 
 @dataclass
 class GraphConfig:
-    """Which graphs are used and the GCN sizes; defaults are the released KA-MIG model."""
+    """Which graphs are used and the graph encoder; defaults are the released KA-MIG model."""
     use_co: bool = True          # token co-occurrence G_co (positive)
     use_sim: bool = True         # token semantic similarity G_s (positive)
     use_incompat: bool = True    # per-class position-token incompatibility G_p (negative)
-    gcn_layers: int = 3          # the GCN width is the backbone's embed_dim (its outputs join the token stream)
+    gcn_layers: int = 3          # encoder layers; the width is the backbone's embed_dim (outputs join the tokens)
+    gnn: str = "gcn"             # encoder of G_co / G_s: "gcn" (the released model) or "gat" (libs/models/gat.py)
+
+    def __post_init__(self):
+        if self.gnn not in GNN_KINDS:
+            raise ValueError(f"unknown graph encoder graph.gnn='{self.gnn}' (one of {', '.join(GNN_KINDS)})")
 
 
 # ----------------------------------------------------------------------------- GCN
@@ -121,10 +129,11 @@ class GraphLayer(nn.Module):
     def __init__(self, dim: int, num_points: int, cfg: GraphConfig):
         super().__init__()
         self.cfg = cfg
+        encoder = GAT if cfg.gnn == "gat" else GCN
         if cfg.use_co:
-            self.co_graph_layer = GCN(dim, cfg.gcn_layers)
+            self.co_graph_layer = encoder(dim, cfg.gcn_layers)
         if cfg.use_sim:
-            self.re_graph_layer = GCN(dim, cfg.gcn_layers)
+            self.re_graph_layer = encoder(dim, cfg.gcn_layers)
         if cfg.use_incompat:
             self.pos_neg_codebook_graph_layer = NegativePrior(dim)
         if cfg.use_co or cfg.use_sim:
@@ -169,9 +178,13 @@ class KAMIG(AutoNAT):
             if num_nodes != K or nodes > K:
                 raise ValueError(f"the {name} graph has {num_nodes} nodes (codebook size) but the model's "
                                  f"codebook size is {K}")
-            index, weight = gcn_norm(torch.as_tensor(edge_index), torch.as_tensor(edge_weight), K)
-            self.register_buffer(f"{name}_adj_index", index.to(device), persistent=False)
-            self.register_buffer(f"{name}_adj_weight", weight.to(device), persistent=False)
+            if g.gnn == "gat":  # attention: the edges only (their weights play no part)
+                self.register_buffer(f"{name}_edges", gat_edges(torch.as_tensor(edge_index), K).to(device),
+                                     persistent=False)
+            else:
+                index, weight = gcn_norm(torch.as_tensor(edge_index), torch.as_tensor(edge_weight), K)
+                self.register_buffer(f"{name}_adj_index", index.to(device), persistent=False)
+                self.register_buffer(f"{name}_adj_weight", weight.to(device), persistent=False)
         if g.use_incompat:
             if incompat is None:
                 raise ValueError("graph.use_incompat is on but no incompatibility graph was given")
@@ -195,17 +208,21 @@ class KAMIG(AutoNAT):
         K = self.cfg.codebook_size
         return torch.sparse_coo_tensor(index, weight, (K, K), check_invariants=False).coalesce()
 
+    def graph_input(self, name):
+        """What the encoder of graph `name` takes: the GCN's normalised adjacency, or the GAT's edges [2,E]."""
+        return getattr(self, f"{name}_edges") if self.graph_cfg.gnn == "gat" else self.adjacency(name)
+
     # --- graph terms
 
     def node_representations(self):
-        """GCN outputs over the codebook: dict name -> [K,dim] (float32)."""
+        """Graph encoder (GCN or GAT) outputs over the codebook: dict name -> [K,dim] (float32)."""
         codes = self.token_emb.word_embeddings.weight[: self.cfg.codebook_size].float()  # C [K,dim]
         reps = {}
         with torch.autocast(codes.device.type, enabled=False):  # sparse matmul in float32
             if self.graph_cfg.use_co:
-                reps["co"] = self.graph_layer.co_graph_layer(codes, self.adjacency("co"))
+                reps["co"] = self.graph_layer.co_graph_layer(codes, self.graph_input("co"))
             if self.graph_cfg.use_sim:
-                reps["sim"] = self.graph_layer.re_graph_layer(codes, self.adjacency("sim"))
+                reps["sim"] = self.graph_layer.re_graph_layer(codes, self.graph_input("sim"))
         return reps
 
     def class_prior(self, class_ids):
