@@ -27,8 +27,8 @@ import time
 import numpy as np
 import torch
 
-from demo.pipeline import (BACKBONE, CONTROL, GRAPH_SYMBOL, GRAPHS, KA_MIG, REPO_ROOT, ModelSpec, Runner, StageFailed,
-                           config_path, load_demo_config, parse_demo_args, pick_threads, prepare_run,
+from demo.pipeline import (BACKBONE, CONTROL, DATASETS, GRAPH_SYMBOL, GRAPHS, KA_MIG, REPO_ROOT, ModelSpec, Runner,
+                           StageFailed, config_path, load_demo_config, parse_demo_args, pick_threads, prepare_run,
                            prepare_tokens_and_graphs, read_train_log, resolve, run_models, write_json)
 from demo.report import nll_summary, num
 from libs.atomic_io import atomic_write_text
@@ -37,7 +37,6 @@ from libs.graphs.files import (graph_paths, load_edge_graph, load_incompatibilit
 from libs.graphs.recipes import unpack_occurrence_torch
 
 CONFIGS = {"fashion_mnist": "configs/demo_fashion.py", "synthetic": "configs/demo.py"}
-DATASETS = {"fashion_mnist": "fashion_mnist", "fashion": "fashion_mnist", "synthetic": "synthetic"}
 ABLATION_OUTPUTS = ("logs", "tokens", "graphs", "graphs_shuffled", "runs", "samples", "models.json", "nll.npz",
                     "fid.json", "diagnostics.json", "ablation.json")
 

@@ -12,11 +12,10 @@ sha256, losses, times).
 import argparse
 import sys
 
-from demo.pipeline import StageFailed, build_assets, load_demo_config, parse_demo_args
+from demo.pipeline import DATASETS, StageFailed, build_assets, load_demo_config, parse_demo_args
 
 CONFIGS = {"fashion_mnist": ("configs/demo_fashion.py", "configs/demo_fashion_backbone.py"),
            "synthetic": ("configs/demo.py", "configs/demo_backbone.py")}
-DATASETS = {"fashion_mnist": "fashion_mnist", "fashion": "fashion_mnist", "synthetic": "synthetic"}
 
 
 def main(argv=None):

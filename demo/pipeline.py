@@ -36,6 +36,8 @@ DEMO_OUTPUTS = ("logs", "tokens", "graphs", "runs", "samples", "models.json", "n
 ASSET_OUTPUTS = ("logs", "tokens", "backbone", "tokenizer.pth", "tokenizer.pth.json", "curve.csv",
                  "reference.npz")
 GRAPHS = ("co", "sim", "incompat")
+# --dataset of the demo scripts -> config.demo.source
+DATASETS = {"fashion_mnist": "fashion_mnist", "fashion": "fashion_mnist", "synthetic": "synthetic"}
 GRAPH_SYMBOL = {"co": "G_co", "sim": "G_s", "incompat": "G_p"}
 
 

@@ -11,12 +11,11 @@ subprocesses; writes grids, comparison.png, curves.png, metrics.json, summary.tx
 import argparse
 import sys
 
-from demo.pipeline import StageFailed, load_demo_config, parse_demo_args, run_demo
+from demo.pipeline import DATASETS, StageFailed, load_demo_config, parse_demo_args, run_demo
 
 CONFIGS = {("fashion_mnist", False): "configs/demo_fashion.py",
            ("fashion_mnist", True): "configs/demo_fashion_smoke.py",
            ("synthetic", False): "configs/demo.py", ("synthetic", True): "configs/demo_smoke.py"}
-DATASETS = {"fashion_mnist": "fashion_mnist", "fashion": "fashion_mnist", "synthetic": "synthetic"}
 
 
 def main(argv=None):
