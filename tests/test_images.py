@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from libs.checkpoint import file_sha256
 from libs.config import load_config_file
 from libs.data.images import ImageFileDataset, list_image_folder, load_image_file, to_rgb
 from libs.data.tokens import extract_token_dataset, load_tokens
@@ -194,7 +195,7 @@ def test_unreadable_entries_are_skipped_and_listed_by_reference_stats(tmp_path, 
     for name, word in bad.items():
         assert word in skipped[name], (name, skipped[name])
     saved = fid_stats.load_reference_stats(fid_stats.save_reference_stats(tmp_path / "ref.npz", stats))
-    assert saved["n"] == 3 and {p for p, _ in saved["skipped"]} == {p for p, _ in stats["skipped"]}
+    assert saved["n"] == 3 and {p for p, _ in saved["skipped"]} == set(skipped)  # stored relative to the folder
     # the metrics' image source lists them the same way
     ref = {"mu": stats["mu"], "sigma": stats["sigma"]}
     result = fid_stats.compute_metrics(fid_stats.load_image_batch_source(tmp_path / "train"), ref, TinyExtractor(),
@@ -215,6 +216,28 @@ def test_fid_stats_cli_prints_and_stores_the_skipped_files(tmp_path, locked_is_u
         assert str(tmp_path / "train" / name) in out
     with np.load(tmp_path / "ref.npz") as z:
         assert int(z["n"]) == 3 and len(z["skipped_files"]) == len(bad)
+
+
+def test_reference_stats_file_does_not_depend_on_the_folder_location(tmp_path, locked_is_unreadable):
+    """Skipped files are stored relative to the image folder: the same images elsewhere give the same file."""
+    import shutil
+    make_bad_tree(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b", symlinks=True)
+    digests = []
+    for where in ("a", "b"):
+        source = fid_stats.load_image_batch_source(tmp_path / where / "train")
+        stats = fid_stats.compute_reference_stats(source, TinyExtractor(), batch_size=2, progress=False)
+        digests.append(file_sha256(fid_stats.save_reference_stats(tmp_path / f"{where}.npz", stats)))
+    assert digests[0] == digests[1]
+
+
+def test_rank_deficient_reference_statistics_warn(tmp_path, caplog, capsys, monkeypatch):
+    assert fid_stats.rank_warning(2048, 2048) and fid_stats.rank_warning(2049, 2048) is None
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    monkeypatch.setattr(fid_stats, "load_feature_extractor", lambda *a, **k: TinyExtractor())
+    fid_stats.main(["--images", str(tmp_path), "--out", str(tmp_path / "ref.npz"), "--no-progress"])
+    assert "warning: only 3 images" in capsys.readouterr().out and "rank" in caplog.text
 
 
 def test_listing_survives_directory_symlink_loops(tmp_path):

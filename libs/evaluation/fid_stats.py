@@ -12,6 +12,7 @@ statistics file (`skipped_files`, `skipped_reasons`; `n` is the number of images
 Protocol: docs/reference.md#evaluation-protocol.
 """
 import logging
+import os
 import zipfile
 from pathlib import Path
 
@@ -203,19 +204,35 @@ def compute_reference_stats(source, extractor, batch_size: int = 50, save_featur
                        + (f"; skipped: {'; '.join(f'{p} ({r})' for p, r in skipped[:20])}" if skipped else ""))
     mu, sigma = metrics.feature_statistics(pool)
     stats = {"mu": mu, "sigma": sigma, "n": pool.shape[0], "inception_weights": extractor.source,
-             "skipped": skipped}
+             "skipped": skipped, "root": str(source.path) if isinstance(source, ImageSource) else None,
+             "warning": rank_warning(pool.shape[0], pool.shape[1])}
+    if stats["warning"]:
+        log.warning(stats["warning"])
     if save_features:
         stats["features"] = pool.astype(np.float32)  # [N,2048]; float32 is the network's precision
     return stats
 
 
+def rank_warning(n: int, dims: int):
+    """A warning when n feature vectors of `dims` dimensions give a rank-deficient covariance (n <= dims), else
+    None: the covariance then has rank at most n - 1, and FID against it is biased upwards and unstable."""
+    if n > dims:
+        return None
+    return (f"only {n} images for {dims}-d Inception features: the covariance has rank <= {n - 1} < {dims}, so "
+            f"FID against these statistics is biased upwards and compares only with FIDs against the same set "
+            f"(standard protocols use 10,000-50,000 images)")
+
+
 def save_reference_stats(path, stats: dict) -> Path:
     """Writes stats to an .npz atomically: mu, sigma, n (images used), inception_weights, skipped_files and
-    skipped_reasons (unreadable files left out), and features if present."""
+    skipped_reasons (unreadable files left out; paths relative to the image folder `stats['root']` when given,
+    so the file does not depend on where the folder lies), and features if present."""
     skipped = stats.get("skipped") or []
+    root = stats.get("root")
     arrays = {"mu": np.asarray(stats["mu"], np.float64), "sigma": np.asarray(stats["sigma"], np.float64),
               "n": np.asarray(stats["n"]), "inception_weights": np.asarray(str(stats["inception_weights"])),
-              "skipped_files": np.asarray([str(p) for p, _ in skipped], dtype=str),
+              "skipped_files": np.asarray([os.path.relpath(p, root) if root else str(p) for p, _ in skipped],
+                                          dtype=str),
               "skipped_reasons": np.asarray([str(r) for _, r in skipped], dtype=str)}
     if stats.get("features") is not None:
         arrays["features"] = np.asarray(stats["features"])
@@ -375,6 +392,8 @@ def main(argv=None) -> dict:
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s) (listed in {args.out} as skipped_files):\n"
               + describe_skipped(skipped))
+    if stats["warning"]:
+        print(f"warning: {stats['warning']}")
     print(f"wrote {args.out}: {stats['n']} images used"
           f"{f' ({len(skipped)} skipped)' if skipped else ''}, {stats['mu'].shape[0]}-d mu/sigma"
           f"{' and features' if args.save_features else ''}, Inception weights: {stats['inception_weights']}")
