@@ -233,3 +233,18 @@ def test_generate_npz_takes_a_strategy_file(tiny_assets, tmp_path):
     fp = json.loads((tmp_path / "npz" / "fingerprint.json").read_text())["fingerprint"]["schedule"]
     assert fp["name"] == "autonat" and [fp[k] for k in ss.RATIO_KEYS] == [strategy[k] for k in ss.RATIO_KEYS]
     assert np.load(tmp_path / "npz" / "samples.npz")["arr_0"].shape == (2, 8, 8, 3)
+
+
+def test_search_help_describes_its_own_seed_steps_and_overwrite():
+    """The search reuses the sampling flags but gives --seed, --steps and --overwrite its own meaning."""
+    import argparse
+
+    from libs.sampling.generation import add_sampling_flags
+    helps = {a.dest: a.help for a in ss.build_parser()._actions}
+    assert "search" in helps["seed"] and "--sample-seed" in helps["seed"]
+    assert "search log" in helps["overwrite"] and "fingerprint" not in helps["overwrite"]
+    assert "searched strategy" in helps["steps"]
+    plain = argparse.ArgumentParser()
+    add_sampling_flags(plain)
+    plain_helps = {a.dest: a.help for a in plain._actions}
+    assert "fingerprint" in plain_helps["overwrite"] and "(seed, i)" in plain_helps["seed"]

@@ -217,48 +217,56 @@ def check_inputs(args, config) -> str:
     return pixels
 
 
-def add_sampling_flags(parser):
-    """Flags shared by the two generation scripts."""
-    parser.add_argument("--model", choices=MODEL_KINDS, default="ka_mig",
-                        help="KA-MIG (graph_nnet_ema.pth) or the bare AutoNAT backbone (nnet_ema.pth)")
-    parser.add_argument("--checkpoint", default=None,
-                        help=f"weights (default {DEFAULT_CHECKPOINTS['ka_mig']} or {DEFAULT_CHECKPOINTS['autonat']} "
-                             "by --model)")
-    parser.add_argument("--schedule", choices=["autonat", "maskgit"], default=None,
-                        help="decoding schedule (default: the config's AutoNAT T=8 strategy)")
-    parser.add_argument("--strategy", default=None,
-                        help="a decoding strategy file with get_config() (configs/autonat_t8_strategy.py, or one "
-                             "written by python -m libs.sampling.strategy_search); replaces the config's schedule keys, "
-                             "the flags below still override it")
-    parser.add_argument("--steps", type=int, default=None, help="maskgit schedule: number of steps T")
-    parser.add_argument("--cfg", type=float, default=None, help="maskgit schedule: guidance scale")
-    parser.add_argument("--temp", type=float, default=None, help="maskgit schedule: confidence temperature")
-    parser.add_argument("--guidance-schedule", choices=list(GUIDANCE_SCHEDULES), default=None,
-                        help="maskgit schedule: guidance per step: constant, linear (0 -> --cfg, the default) or "
-                             "pow-cosine (--cfg * (1 - cos(pi * (t/(T-1))^power)) / 2)")
-    parser.add_argument("--guidance-power", type=float, default=None,
-                        help="maskgit schedule, pow-cosine guidance: the power (default 1)")
-    parser.add_argument("--guidance-steps", default=None,
-                        help="steps where guidance applies, 0 elsewhere: 'all' (default) or indices / ranges "
-                             "('4-7', '0,2,5'); any schedule")
-    parser.add_argument("--order", choices=list(ORDERS), default=None,
-                        help="which masked tokens stay masked after a step: 'confidence' (default) or 'halton' "
-                             "(a fixed low-discrepancy order over the token grid, same counts per step)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=25)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start fresh: delete the samples and fingerprint.json an earlier run left in the output "
-                             "folder (otherwise a run whose settings differ from that fingerprint is refused)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                        help="autocast dtype of the token model (the tokenizer decodes in fp32)")
-    parser.add_argument("--cpu-kernels", choices=CPU_KERNELS, default=None,
-                        help="fp32 CPU inference: 'onednn' (the default without --compile) runs the backbone's linears "
-                             "through oneDNN with GELU fused (logits equal within 1e-5, faster on CPU); 'default' uses "
-                             "F.linear (the default with --compile). No effect on GPU")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the token model's blocks and head (off by default; the first batch "
-                             "pays the compilation, logits equal eager within about 1e-5)")
+def add_sampling_flags(parser, helps=None):
+    """Flags shared by the generation scripts and the strategy search; `helps`: flag -> help text where a script
+    gives a flag another meaning (e.g. --seed, --overwrite of the search)."""
+    helps = helps or {}
+
+    def add(flag, **kwargs):
+        parser.add_argument(flag, **{**kwargs, **({"help": helps[flag]} if flag in helps else {})})
+
+    add("--model", choices=MODEL_KINDS, default="ka_mig",
+        help="KA-MIG (graph_nnet_ema.pth) or the bare AutoNAT backbone (nnet_ema.pth)")
+    add("--checkpoint", default=None,
+        help=f"weights (default {DEFAULT_CHECKPOINTS['ka_mig']} or {DEFAULT_CHECKPOINTS['autonat']} "
+             "by --model)")
+    add("--schedule", choices=["autonat", "maskgit"], default=None,
+        help="decoding schedule (default: the config's AutoNAT T=8 strategy)")
+    add("--strategy", default=None,
+        help="a decoding strategy file with get_config() (configs/autonat_t8_strategy.py, or one "
+             "written by python -m libs.sampling.strategy_search); replaces the config's schedule keys, "
+             "the flags below still override it")
+    add("--steps", type=int, default=None, help="maskgit schedule: number of steps T")
+    add("--cfg", type=float, default=None, help="maskgit schedule: guidance scale")
+    add("--temp", type=float, default=None, help="maskgit schedule: confidence temperature")
+    add("--guidance-schedule", choices=list(GUIDANCE_SCHEDULES), default=None,
+        help="maskgit schedule: guidance per step: constant, linear (0 -> --cfg, the default) or "
+             "pow-cosine (--cfg * (1 - cos(pi * (t/(T-1))^power)) / 2)")
+    add("--guidance-power", type=float, default=None,
+        help="maskgit schedule, pow-cosine guidance: the power (default 1)")
+    add("--guidance-steps", default=None,
+        help="steps where guidance applies, 0 elsewhere: 'all' (default) or indices / ranges "
+             "('4-7', '0,2,5'); any schedule")
+    add("--order", choices=list(ORDERS), default=None,
+        help="which masked tokens stay masked after a step: 'confidence' (default) or 'halton' "
+             "(a fixed low-discrepancy order over the token grid, same counts per step)")
+    add("--seed", type=int, default=0,
+        help="sample i is drawn with its own generator seeded from (seed, i), so any batch size or "
+             "number of processes gives the same images")
+    add("--batch-size", type=int, default=25)
+    add("--overwrite", action="store_true",
+        help="start fresh: delete the samples and fingerprint.json an earlier run left in the output "
+             "folder (otherwise a run whose settings differ from that fingerprint is refused)")
+    add("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    add("--precision", choices=list(PRECISIONS), default="fp32",
+        help="autocast dtype of the token model (the tokenizer decodes in fp32)")
+    add("--cpu-kernels", choices=CPU_KERNELS, default=None,
+        help="fp32 CPU inference: 'onednn' (the default without --compile) runs the backbone's linears "
+             "through oneDNN with GELU fused (logits equal within 1e-5, faster on CPU); 'default' uses "
+             "F.linear (the default with --compile). No effect on GPU")
+    add("--compile", action="store_true",
+        help="torch.compile the token model's blocks and head (off by default; the first batch "
+             "pays the compilation, logits equal eager within about 1e-5)")
 
 
 def schedule_args(args) -> dict:

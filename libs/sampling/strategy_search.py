@@ -1,7 +1,7 @@
 """Gradient-free search of a T-step decoding strategy against FID (docs/reference.md#strategy-search).
 
     python -m libs.sampling.strategy_search --config configs/demo.py --checkpoint <model> --steps 8 \\
-        --num-samples 300 --ref-stats output/demo/fid_ref_val.npz --iterations 8 --offspring 4 --out <folder>
+        --num-samples 300 --ref-stats <ref.npz> --iterations 8 --offspring 4 --out <folder>
     torchrun --nproc_per_node=8 -m libs.sampling.strategy_search ...     # each rank samples a share
 
 A strategy is the per-step lists of the decoder (`libs.sampling.decoding.Schedule`): re-mask ratios (T-1),
@@ -307,7 +307,12 @@ class FIDObjective:
 def build_parser():
     parser = ArgumentParser(prog="python -m libs.sampling.strategy_search", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sampling_flags(parser)  # --model --checkpoint --strategy/--schedule/--steps/... (the start) --seed ...
+    add_sampling_flags(parser, helps={  # --model --checkpoint --strategy/--schedule/--steps/... (the start) ...
+        "--steps": "number of decoding steps T of the searched strategy (default 8: the published AutoNAT-L "
+                   "strategy is the start; other T start from MaskGIT's cosine schedule)",
+        "--seed": "seed of the search's random steps (the samples' seeds are --sample-seed)",
+        "--overwrite": "start afresh: delete the search log, strategies and result an earlier run left in --out "
+                       "(otherwise a log made with other settings is refused)"})
     parser.set_defaults(batch_size=50)
     parser.add_argument("--num-samples", dest="num", type=int, default=300, help="samples per evaluated strategy")
     parser.add_argument("--labels", choices=["balanced", "random"], default="balanced")
