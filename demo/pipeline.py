@@ -94,8 +94,27 @@ def parse_demo_args(parser, argv=None):
     return parser.parse_args(rest), overrides
 
 
-def pick_threads(requested: int = 0) -> tuple:
-    """(threads, reason): `requested` if > 0; else all cores, or 1 when the machine is already busy.
+def busy_cores(interval: float = 0.5):
+    """Cores busy right now (Linux /proc/stat, two reads `interval` seconds apart), else the 1-minute load
+    average. The load average lags by minutes (right after `make setup` it still counts pip), so it is only the
+    fallback."""
+    def read():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]  # cpu user nice system idle iowait irq ...
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)
+    try:
+        total0, idle0 = read()
+        time.sleep(interval)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = os.cpu_count() or 1
+    return cores * (1.0 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def pick_threads(requested: int = 0, busy=None) -> tuple:
+    """(threads, reason): `requested` if > 0; else all cores, or 1 when other work already keeps half of them
+    busy (`busy`: cores in use, default `busy_cores()`).
 
     On a busy CPU the per-op thread hand-off of a second torch thread costs more than it gains for these
     small models (we measured 6x slower tokenizer steps with 2 threads than with 1 at load ~5 on 2 cores).
@@ -103,10 +122,10 @@ def pick_threads(requested: int = 0) -> tuple:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if requested > 0:
         return requested, "as asked (--threads)"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load >= cores / 2:
-        return 1, f"auto: load average {load:.1f} on {cores} cores, so 1 thread per stage"
-    return cores, f"auto: load average {load:.1f} on {cores} cores"
+    busy = busy_cores() if busy is None else busy
+    if busy >= cores / 2:
+        return 1, f"auto: {busy:.1f} of {cores} cores busy with other work, so 1 thread per stage"
+    return cores, f"auto: {busy:.1f} of {cores} cores busy with other work"
 
 
 class Runner:

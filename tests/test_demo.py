@@ -488,3 +488,14 @@ def test_make_assets_recipe_smoke(tmp_path):
     n_ref = config.model.num_classes * config.demo.fid_reference_per_class
     with np.load(assets / "fid_reference_test.npz") as z:
         assert z["features"].shape == (n_ref, 2048) and z["files"].shape == (n_ref,)
+
+
+def test_thread_choice_follows_the_cores_busy_now():
+    """All cores on an idle machine, 1 when other work keeps half of them busy, the asked number otherwise."""
+    import os
+
+    from demo.pipeline import busy_cores, pick_threads
+    cores = len(os.sched_getaffinity(0))
+    assert pick_threads(busy=0.0)[0] == cores and pick_threads(busy=cores / 2)[0] == 1
+    assert pick_threads(3, busy=cores)[0] == 3
+    assert 0.0 <= busy_cores(0.05) <= (os.cpu_count() or 1) + 1e-9
