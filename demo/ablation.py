@@ -21,17 +21,18 @@ import itertools
 import json
 import os
 import platform
-import sys
 import time
 
 import numpy as np
 import torch
 
 from demo.pipeline import (BACKBONE, CONTROL, DATASETS, GRAPH_SYMBOL, GRAPHS, KA_MIG, REPO_ROOT, ModelSpec, Runner,
-                           StageFailed, config_path, load_demo_config, parse_demo_args, pick_threads, prepare_run,
+                           config_path, driver_main, load_demo_config, parse_demo_args, pick_threads, prepare_run,
                            prepare_tokens_and_graphs, read_train_log, resolve, run_models, write_json)
 from demo.report import nll_summary, num
+from libs.cli import ArgumentParser
 from libs.atomic_io import atomic_write_text
+from libs.errors import MissingInput
 from libs.graphs.files import (graph_paths, load_edge_graph, load_incompatibility, read_meta, save_edge_graph,
                                save_incompatibility)
 from libs.graphs.recipes import unpack_occurrence_torch
@@ -166,6 +167,13 @@ def markdown(rows, nll, fid, diag, meta) -> str:
                      f"{ci(r, 'fid', 2, False)} | {ci(r, 'fid_minus_control', 2)}{star(r, 'fid_minus_control')} | "
                      f"{ci(r, 'fid_minus_backbone', 2)}{star(r, 'fid_minus_backbone')} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} |")
+    diffs = nll["differences"]
+    if "ka_mig_seed1-control_seed1" in diffs:
+        d = diffs["ka_mig_seed1-control_seed1"]["overall"]
+        lines += ["", f"The '- control' columns compare every row with the control of training seed 0, the seed-1 "
+                      f"rows included (so 'control, training seed 1' shows the seed-to-seed change of the control). "
+                      f"Same-seed comparison for seed 1: KA-MIG seed 1 - control seed 1 = {num(d['mean'])} "
+                      f"[{num(d['lo'])}, {num(d['hi'])}] nats."]
     lines += ["", "Diagnostics of the trained graph terms (held-out tokens masked at ratio 0.5): relative size "
                   "|term| / |hidden state| of the term added before each block (forward order), and the gradient "
                   "norm of the masked-token loss reaching each graph module.", "",
@@ -259,7 +267,7 @@ def run_ablation(config_file, overrides, out, data_root=None, assets=None, threa
                  write_benchmarks=True, command="make ablation") -> dict:
     t_start = time.time()
     config_file, config, out, data_root, p, cfg_overrides, common = prepare_run(
-        config_file, overrides, out, data_root, assets, ABLATION_OUTPUTS)
+        config_file, overrides, out, data_root, assets, ABLATION_OUTPUTS, fashion_mnist)
     d = config.demo
     n_threads, why = pick_threads(threads)
     specs = ablation_models()
@@ -321,8 +329,8 @@ def report_only(config_file, overrides, out, write_benchmarks=True) -> dict:
         old = json.loads((out / "ablation.json").read_text())
         entries = json.loads((out / "models.json").read_text())
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"no finished ablation in {out} ({e.filename} is missing); run `make ablation` "
-                                f"first") from e
+        raise MissingInput(f"no finished ablation in {out} ({e.filename} is missing); run `make ablation` "
+                           f"first") from e
     names = [e["name"] for e in entries]
     specs = [s for s in ablation_models() if s.name in names]
     m = old["meta"]
@@ -332,7 +340,7 @@ def report_only(config_file, overrides, out, write_benchmarks=True) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion_mnist", choices=sorted(DATASETS))
     parser.add_argument("--config", default=None, help="demo config (default: the dataset's demo config)")
     parser.add_argument("--out", default="output/ablation", help="output folder")
@@ -350,13 +358,12 @@ def main(argv=None):
     except (KeyError, ValueError, FileNotFoundError) as e:
         parser.error(str(e.args[0] if e.args else e))
     command = "make ablation" + (f" DATA={args.dataset}" if args.dataset != "fashion_mnist" else "")
-    try:
-        if args.report_only:
-            return report_only(config_file, overrides, args.out, not args.no_write_benchmarks)
-        return run_ablation(config_file, overrides, args.out, args.data, args.assets, args.threads,
-                            args.fashion_mnist, not args.no_write_benchmarks, command)
-    except (StageFailed, FileNotFoundError) as e:
-        sys.exit(f"ablation failed: {e}")
+    if args.report_only:
+        return driver_main("ablation", lambda: report_only(config_file, overrides, args.out,
+                                                           not args.no_write_benchmarks))
+    return driver_main("ablation", lambda: run_ablation(config_file, overrides, args.out, args.data, args.assets,
+                                                        args.threads, args.fashion_mnist,
+                                                        not args.no_write_benchmarks, command))
 
 
 if __name__ == "__main__":

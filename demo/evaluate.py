@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from libs.atomic_io import atomic_savez, atomic_write_json, atomic_write_text
-from libs.cli import run_main
+from libs.cli import ArgumentParser, run_main
 from libs.config import apply_override, parse_args_with_config, split_overrides
 from libs.data.images import list_image_folder, read_rgb
 from libs.data.tokens import load_tokens
@@ -388,7 +388,7 @@ def run_diagnostics(config, models_file, tokens_path, out, images: int = 500):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("nll", "fid", "curve", "reference", "diagnostics"))
     parser.add_argument("--models", help="models.json (nll, fid)")
     parser.add_argument("--tokens", help="held-out token dataset (nll, curve)")

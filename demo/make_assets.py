@@ -10,16 +10,16 @@ weight files, the tokenizer report, the backbone's training log and held-out cur
 sha256, losses, times).
 """
 import argparse
-import sys
 
-from demo.pipeline import DATASETS, StageFailed, build_assets, load_demo_config, parse_demo_args
+from demo.pipeline import DATASETS, build_assets, driver_main, load_demo_config, parse_demo_args
+from libs.cli import ArgumentParser
 
 CONFIGS = {"fashion_mnist": ("configs/demo_fashion.py", "configs/demo_fashion_backbone.py"),
            "synthetic": ("configs/demo.py", "configs/demo_backbone.py")}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion_mnist", choices=sorted(DATASETS),
                         help="fashion_mnist (default) or synthetic; picks the default configs")
     parser.add_argument("--config", default=None, help="demo config (tokenizer sizes and training)")
@@ -41,12 +41,9 @@ def main(argv=None):
         load_demo_config(backbone_file, overrides)
     except (KeyError, ValueError, FileNotFoundError) as e:
         parser.error(str(e.args[0] if e.args else e))
-    try:
-        return build_assets(config_file, backbone_file, overrides, args.work or f"output/demo_assets_{dataset}",
-                            args.assets or config.demo.assets, args.data, args.threads, args.fashion_mnist,
-                            resume=args.resume)
-    except StageFailed as e:
-        sys.exit(f"demo-assets failed: {e}")
+    return driver_main("demo-assets", lambda: build_assets(
+        config_file, backbone_file, overrides, args.work or f"output/demo_assets_{dataset}",
+        args.assets or config.demo.assets, args.data, args.threads, args.fashion_mnist, resume=args.resume))
 
 
 if __name__ == "__main__":

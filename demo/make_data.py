@@ -13,14 +13,14 @@ from pathlib import Path
 
 from demo.fashion_mnist import locate_idx_folder, write_fashion_splits
 from demo.procedural_data import write_demo_splits
-from libs.cli import run_main
+from libs.cli import ArgumentParser, run_main
 from libs.config import parse_args_with_config
 
 SOURCES = ("synthetic", "fashion_mnist")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="data root (default config.demo.data_root)")
     parser.add_argument("--fashion-mnist", default=None, metavar="DIR",
                         help="folder with the four Fashion-MNIST idx files, gzipped or not (default "

@@ -22,6 +22,7 @@ from pathlib import Path
 from libs.atomic_io import atomic_write, atomic_write_json
 from libs.checkpoint import file_sha256
 from libs.config import apply_override, load_config_file, split_overrides
+from libs.errors import MissingInput, UserError, one_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_FILE = "vqgan_demo.pth"
@@ -42,7 +43,11 @@ GRAPH_SYMBOL = {"co": "G_co", "sim": "G_s", "incompat": "G_p"}
 
 
 class StageFailed(RuntimeError):
-    """A pipeline stage exited with a non-zero status."""
+    """A pipeline stage exited with a non-zero status (`status`; 2 = the stage rejected its input)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
 
 
 # ----------------------------------------------------------------------------- models
@@ -84,6 +89,22 @@ DEMO_MODELS = (BACKBONE, CONTROL, KA_MIG)
 
 
 # ----------------------------------------------------------------------------- running stages
+
+
+def driver_main(name: str, run):
+    """Runs a demo driver: a user error (bad flag or input, missing data or weights, or a stage that rejected its
+    input with status 2) ends with one line `error: ...` and exit status 2; a failed stage otherwise with
+    `<name> failed: ...` and status 1."""
+    try:
+        return run()
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except StageFailed as e:
+        if e.status == 2:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        sys.exit(f"{name} failed: {e}")
 
 
 def parse_demo_args(parser, argv=None):
@@ -171,7 +192,7 @@ class Runner:
         if rc != 0:
             tail = _last_error_line(log_path)
             raise StageFailed(f"stage '{name}' failed with exit status {rc} after {seconds:.0f} s"
-                              f"{f' ({tail})' if tail else ''}; its output is in {log_path}")
+                              f"{f' ({tail})' if tail else ''}; its output is in {log_path}", status=rc)
         print(f"--- {name} done in {seconds:.1f} s", flush=True)
         return seconds
 
@@ -332,9 +353,19 @@ def demo_paths(out: Path, assets: Path, data_root: Path, d) -> dict:
             "reference": assets / d.reference_features if d.reference_features else None}
 
 
-def prepare_run(config_file, overrides, out, data_root, assets, outputs) -> tuple:
-    """What `make demo` and `make ablation` do first: load the config, check the demo weights, clear `outputs`
-    of earlier runs in `out`. -> (config_file, config, out, data_root, paths, cfg_overrides, common flags)."""
+def check_data_source(config, fashion_mnist=None):
+    """Fails (FashionMNISTUnavailable, one line listing the ways to provide it) before anything is written or
+    removed when the demo's Fashion-MNIST files can be neither found nor fetched; fetches them when allowed."""
+    d = config.demo
+    if d.source == "fashion_mnist":
+        from demo.fashion_mnist import locate_idx_folder
+        locate_idx_folder(fashion_mnist or d.fashion_mnist or None, cache=repo_path(d.fashion_mnist_cache))
+
+
+def prepare_run(config_file, overrides, out, data_root, assets, outputs, fashion_mnist=None) -> tuple:
+    """What `make demo` and `make ablation` do first: load the config, check the demo weights and the data
+    source, then clear `outputs` of earlier runs in `out` (so a bad flag loses nothing).
+    -> (config_file, config, out, data_root, paths, cfg_overrides, common flags)."""
     config_file = config_path(config_file)
     config = load_demo_config(config_file, overrides)
     d = config.demo
@@ -344,7 +375,8 @@ def prepare_run(config_file, overrides, out, data_root, assets, outputs) -> tupl
     p = demo_paths(out, assets, data_root, d)
     for key in ("tokenizer", "backbone"):
         if not p[key].is_file():
-            raise FileNotFoundError(f"demo weights not found: {p[key]} (rebuild them with `make demo-assets`)")
+            raise MissingInput(f"demo weights not found: {p[key]} (rebuild them with `make demo-assets`)")
+    check_data_source(config, fashion_mnist)
     clean_outputs(out, outputs)
     out.mkdir(parents=True, exist_ok=True)
     cfg_overrides = [f"--config.{k}={v}" for k, v in overrides]
@@ -375,7 +407,7 @@ def run_demo(config_file, overrides, out, data_root=None, assets=None, threads=0
 
     t_start = time.time()
     config_file, config, out, data_root, p, cfg_overrides, common = prepare_run(
-        config_file, overrides, out, data_root, assets, DEMO_OUTPUTS)
+        config_file, overrides, out, data_root, assets, DEMO_OUTPUTS, fashion_mnist)
     n_threads, why = pick_threads(threads)
     specs = DEMO_MODELS
     runner = Runner(p["logs"], n_threads, total_stages=6 + 2 * len(specs))
@@ -410,6 +442,7 @@ def build_assets(config_file, backbone_config_file, overrides, work, assets, dat
     previous = None
     if resume and (work / "segments.json").is_file():
         previous = json.loads((work / "segments.json").read_text())
+    check_data_source(config, fashion_mnist)
     if not resume:
         clean_outputs(work, ASSET_OUTPUTS + ("segments.json",))
     work.mkdir(parents=True, exist_ok=True)

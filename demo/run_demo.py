@@ -9,9 +9,9 @@ train_graph.py (control and KA-MIG), demo.evaluate nll, generate_npz.py (each mo
 subprocesses; writes grids, comparison.png, curves.png, metrics.json, summary.txt and logs/ to the output folder.
 """
 import argparse
-import sys
 
-from demo.pipeline import DATASETS, StageFailed, load_demo_config, parse_demo_args, run_demo
+from demo.pipeline import DATASETS, driver_main, load_demo_config, parse_demo_args, run_demo
+from libs.cli import ArgumentParser
 
 CONFIGS = {("fashion_mnist", False): "configs/demo_fashion.py",
            ("fashion_mnist", True): "configs/demo_fashion_smoke.py",
@@ -19,7 +19,7 @@ CONFIGS = {("fashion_mnist", False): "configs/demo_fashion.py",
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion_mnist", choices=sorted(DATASETS),
                         help="fashion_mnist (default) or synthetic (the procedural images); picks the default config")
     parser.add_argument("--config", default=None,
@@ -40,11 +40,8 @@ def main(argv=None):
         config = load_demo_config(config_file, overrides)  # unknown keys fail here, before any work
     except (KeyError, ValueError, FileNotFoundError) as e:
         parser.error(str(e.args[0] if e.args else e))
-    try:
-        return run_demo(config_file, overrides, args.out or config.output_dir, args.data, args.assets, args.threads,
-                        args.fashion_mnist)
-    except (StageFailed, FileNotFoundError) as e:
-        sys.exit(f"demo failed: {e}")
+    return driver_main("demo", lambda: run_demo(config_file, overrides, args.out or config.output_dir, args.data,
+                                                args.assets, args.threads, args.fashion_mnist))
 
 
 if __name__ == "__main__":

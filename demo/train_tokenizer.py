@@ -9,11 +9,12 @@ import argparse
 from pathlib import Path
 
 from demo.tokenizer_training import run_tokenizer_training
+from libs.cli import ArgumentParser
 from libs.config import parse_args_with_config
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="ImageFolder split to train on (default <demo.data_root>/train)")
     parser.add_argument("--val", default=None,
                         help="ImageFolder split for the reported reconstruction error (default <demo.data_root>/val "

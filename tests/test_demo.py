@@ -177,10 +177,29 @@ def test_run_demo_names_missing_weights(tmp_path, capsys):
     from demo import run_demo
     with pytest.raises(SystemExit) as e:
         run_demo.main(["--smoke", "--assets", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
-    assert "demo weights not found" in str(e.value) and "make demo-assets" in str(e.value)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: demo weights not found")
+    assert "make demo-assets" in err
     with pytest.raises(SystemExit):
         run_demo.main(["--smoke", "--config.demo.no_such_key=1"])  # unknown keys fail before any work
     assert "no_such_key" in capsys.readouterr().err
+
+
+def test_a_bad_data_flag_loses_nothing(tmp_path, capsys):
+    """A mistyped --fashion-mnist folder is refused in one line (exit 2) before an earlier run's results go."""
+    from demo import ablation, run_demo
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "summary.txt").write_text("an earlier run")
+    for main in (run_demo.main, ablation.main):
+        with pytest.raises(SystemExit) as e:
+            main(["--fashion-mnist", str(tmp_path / "no_such_folder"), "--out", str(out), "--data", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: --fashion-mnist") and err.count("\n") == 1
+        assert (out / "summary.txt").read_text() == "an earlier run" and (out / "runs").is_dir()
+    with pytest.raises(SystemExit) as e:
+        ablation.main(["--report-only", "--out", str(tmp_path / "nothing_here")])
+    assert e.value.code == 2 and "run `make ablation` first" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the three models
