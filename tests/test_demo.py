@@ -448,12 +448,13 @@ def test_demo_smoke_run_writes_every_artifact(tmp_path):
     with np.load(out / "nll.npz") as z:
         assert z["names"].tolist() == ["backbone", "control", "ka_mig"]
         assert z["nll"].shape == (3, C * d.heldout_per_class, len(d.nll_ratios)) and np.isfinite(z["nll"]).all()
+        assert "seconds" not in z.files  # no times in result files: the same inputs give the same bytes
     # samples (same labels), FID
     labels = [np.load(out / "samples" / m / "samples.npz")["labels"] for m in ("backbone", "control", "ka_mig")]
     assert all(np.array_equal(labels[0], lab) for lab in labels) and len(labels[0]) == d.fid_samples
     fid = json.loads((out / "fid.json").read_text())
     assert set(fid["models"]) == {"backbone", "control", "ka_mig"} and "ka_mig-control" in fid["differences"]
-    assert fid["n_reference"] == C * d.fid_reference_per_class
+    assert fid["n_reference"] == C * d.fid_reference_per_class and "seconds" not in json.dumps(fid)
     assert "computed by this run" in fid["reference"]["features"]  # committed features describe other images
     for m in fid["models"].values():
         assert math.isfinite(m["fid"]) and m["lo"] <= m["fid"] <= m["hi"]
