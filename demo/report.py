@@ -123,16 +123,19 @@ def demo_figures(out: Path, p: dict, entries: list, nll: dict, train_logs: dict,
     # curves.png: NLL vs mask ratio, paired differences vs ratio, training losses
     ratios = nll["ratios"]
     label = {e["name"]: e["label"] for e in entries}
-    s1 = [{"label": label[n], "x": ratios, "y": [c["mean"] for c in m["per_ratio"]],
+    # one colour per model in every panel; the differences take the colours after the models'
+    color = {e["name"]: figures.PALETTE[i % len(figures.PALETTE)] for i, e in enumerate(entries)}
+    s1 = [{"label": label[n], "x": ratios, "y": [c["mean"] for c in m["per_ratio"]], "color": color.get(n),
            "lo": [c["lo"] for c in m["per_ratio"]], "hi": [c["hi"] for c in m["per_ratio"]]}
           for n, m in nll["models"].items()]
     s2 = [{"label": " - ".join(label.get(n, n) for n in k.split("-")), "x": ratios,
            "y": [c["mean"] for c in v["per_ratio"]],
+           "color": figures.PALETTE[(len(entries) + j) % len(figures.PALETTE)],
            "lo": [c["lo"] for c in v["per_ratio"]], "hi": [c["hi"] for c in v["per_ratio"]]}
-          for k, v in nll["differences"].items()]
+          for j, (k, v) in enumerate(nll["differences"].items())]
     s2.append({"label": "0", "x": [ratios[0], ratios[-1]], "y": [0.0, 0.0], "color": (0, 0, 0), "legend": False})
-    s3 = [{"label": label.get(n, n), "x": [r["step"] for r in log], "y": [r["loss"] for r in log]}
-          for n, log in train_logs.items() if log]
+    s3 = [{"label": label.get(n, n), "x": [r["step"] for r in log], "y": [r["loss"] for r in log],
+           "color": color.get(n)} for n, log in train_logs.items() if log]
     level = int(round(100 * nll["level"]))
     panels = [figures.line_chart(s1, f"held-out NLL vs mask ratio ({level}% CI bands, {nll['n_images']} images)",
                                  "mask ratio", "nats"),
