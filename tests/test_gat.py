@@ -1,17 +1,16 @@
 """The GAT encoder (graph.gnn = "gat"): our layer against torch_geometric's GATConv, and KA-MIG built with it."""
-import pickle
 
 import ml_collections
 import pytest
 import torch
 
+from libs.checkpoint import load_strict
+from libs.graphs.files import load_edge_graph
 from libs.models.factory import build_model, graph_config
 from libs.models.fusion_cache import FusionCache
 from libs.models.gat import GAT, GATConv, gat_edges
 from libs.models.ka_mig import GraphConfig, KAMIG
 from tests.helpers import K, L, OFFICIAL_GRAPHS, random_graph, randomise_fusion, tiny_backbone, tiny_graphs
-
-from libs.checkpoint import load_strict
 
 
 def pyg_gat(ours: GATConv):
@@ -54,8 +53,7 @@ def test_gat_layer_equals_torch_geometric_with_gradients(self_loops):
 
 @pytest.mark.parametrize("name", ["codebook_co_occurrence_norm_self_50.pkl", "codebook_replace_graph_norm_self.pkl"])
 def test_gat_layer_equals_torch_geometric_on_released_graphs(name):
-    with open(OFFICIAL_GRAPHS / name, "rb") as f:
-        index, _ = pickle.load(f)
+    index, _, _ = load_edge_graph(OFFICIAL_GRAPHS / name)
     torch.manual_seed(0)
     ours = GATConv(64, 64)
     torch.nn.init.normal_(ours.bias)

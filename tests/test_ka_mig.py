@@ -1,10 +1,10 @@
 """KA-MIG model: manifest, zero-init equivalence, GCN vs torch_geometric, gathering, bad graphs."""
-import pickle
 
 import pytest
 import torch
 
 from libs.checkpoint import load_state_dict_file, load_strict
+from libs.graphs.files import load_edge_graph
 from libs.graphs.recipes import incompatibility_rows, unpack_occurrence_torch as unpack_bits
 from libs.models.autonat import AutoNAT
 from libs.models.fusion_cache import FusionCache
@@ -68,8 +68,7 @@ def test_gcn_layer_equals_torch_geometric_on_random_graphs(self_loops):
 
 @pytest.mark.parametrize("name", ["codebook_co_occurrence_norm_self_50.pkl", "codebook_replace_graph_norm_self.pkl"])
 def test_gcn_layer_equals_torch_geometric_on_released_graphs(name):
-    with open(OFFICIAL_GRAPHS / name, "rb") as f:
-        index, weight = pickle.load(f)
+    index, weight, _ = load_edge_graph(OFFICIAL_GRAPHS / name)
     torch.manual_seed(0)
     ours = GCNConv(64, 64)
     torch.nn.init.normal_(ours.bias)
