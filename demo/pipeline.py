@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from demo.fashion_mnist import locate_idx_folder
 from libs.atomic_io import atomic_write, atomic_write_json
 from libs.checkpoint import file_sha256
 from libs.config import apply_override, load_config_file, split_overrides
@@ -358,7 +359,6 @@ def check_data_source(config, fashion_mnist=None):
     removed when the demo's Fashion-MNIST files can be neither found nor fetched; fetches them when allowed."""
     d = config.demo
     if d.source == "fashion_mnist":
-        from demo.fashion_mnist import locate_idx_folder
         locate_idx_folder(fashion_mnist or d.fashion_mnist or None, cache=repo_path(d.fashion_mnist_cache))
 
 
