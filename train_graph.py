@@ -62,6 +62,10 @@ def main(argv=None):
         if trainer.accelerator.is_main_process:
             print(f"error: training stopped: {one_line(e)}", file=sys.stderr, flush=True)
         raise SystemExit(DIVERGED) from None  # also when main() is called from Python
+    finally:
+        # tear the torchrun process group down before the interpreter exits: left to interpreter shutdown, gloo's
+        # threads can abort a rank ("terminate called without an active exception") after a finished run
+        trainer.accelerator.end_training()
     return 0
 
 
