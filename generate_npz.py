@@ -79,15 +79,16 @@ def main(argv=None):
     out = Path(args.out)
     paths = output_paths(out)
 
-    # everything that can be checked without sampling is checked before the first sample
-    if not args.no_fid:
-        load_reference_stats(args.ref_stats, dims=FEATURE_DIM)  # keys, shapes, 2048-d, finite values
-        if args.inception_weights:
-            require_file(args.inception_weights)
-    check_writable(paths["npz"], paths["metrics"], paths["fingerprint"], folders=[paths["samples"]])
-
     dist = Distributed()
     try:
+        # everything that can be checked without sampling is checked before the first sample
+        if not args.no_fid:
+            load_reference_stats(args.ref_stats, dims=FEATURE_DIM)  # keys, shapes, 2048-d, finite values
+            if args.inception_weights:
+                require_file(args.inception_weights)
+        # the probe creates and removes folders: one rank runs it, the others wait for its verdict
+        dist.on_main(check_writable, paths["npz"], paths["metrics"], paths["fingerprint"],
+                     folders=[paths["samples"]])
         run(args, config, dist, checkpoint, pixels, paths)
     finally:
         dist.close()

@@ -67,6 +67,7 @@ def run_main(main, argv=None):
     try:
         status = main(argv)
     except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        if not getattr(e, "reported_elsewhere", False):  # a verdict rank 0 printed already (torchrun)
+            print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(status if isinstance(status, int) else 0)

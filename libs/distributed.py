@@ -4,6 +4,8 @@ from datetime import timedelta
 
 import torch
 
+from libs.errors import UserError
+
 
 class Distributed:
     """Rank/world from torchrun's env; barrier and rank-0 broadcast over gloo (no-ops for one process)."""
@@ -35,6 +37,24 @@ class Distributed:
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, check, *args, **kwargs):
+        """Runs `check(*args, **kwargs)` on rank 0 only and gives its verdict to every rank: its return value, or
+        its UserError raised on every rank (the other ranks' copy is marked `reported_elsewhere`, so one line is
+        printed). For checks that touch shared files (probing an output folder), which ranks must not race on."""
+        verdict = None
+        if self.is_main:
+            try:
+                verdict = ("ok", check(*args, **kwargs))
+            except UserError as e:
+                verdict = ("error", e)
+        verdict = self.broadcast(verdict)
+        if verdict[0] == "error":
+            error = verdict[1]
+            if not self.is_main:
+                error.reported_elsewhere = True
+            raise error
+        return verdict[1]
 
     def close(self):
         """Tears the process group down if this object created it."""

@@ -109,3 +109,24 @@ def test_labelled_grid_places_images_and_captions():
     mixed = np.asarray(labelled_grid(images[:4], np.array([0, 1, 0, 1]), names, columns=4).convert("L"))
     for c in range(4):  # a mixed row: every image gets its own caption
         assert (mixed[:14, c * w:(c + 1) * w] < 128).any()
+
+
+def test_generate_npz_eight_processes_into_a_new_folder(tiny_assets, tmp_path):
+    """torchrun's 8 ranks start together into an --out that does not exist: the output probe (which creates and
+    removes folders) runs on rank 0 only, so no rank loses a race with another's probe (launched several times)."""
+    root, overrides = tiny_assets
+    for attempt in range(2):
+        out = tmp_path / f"new{attempt}" / "deeper" / "npz"
+        done = run_npz(root, overrides, out, 8, ["--num-samples=8", "--batch-size=1"])
+        assert done.returncode == 0, f"attempt {attempt}: {done.stderr[-3000:]}"
+        assert np.load(out / "samples.npz")["arr_0"].shape[0] == 8
+
+
+def test_rank_zero_verdict_reaches_every_rank(tiny_assets, tmp_path):
+    """A pre-flight check that fails on rank 0 stops every rank with exit status 2 and one printed line."""
+    root, overrides = tiny_assets
+    (tmp_path / "blocked").write_text("a file where the output folder goes")
+    done = run_npz(root, overrides, tmp_path / "blocked" / "npz", 4)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "blocked" in errors[0], done.stderr[-3000:]

@@ -384,9 +384,9 @@ def main(argv=None):
     if args.inception_weights:
         require_file(args.inception_weights)
     out = Path(args.out)
-    check_writable(out / LOG_FILE, out / BEST_FILE, out / RESULT_FILE)
     dist = Distributed()
     try:
+        dist.on_main(check_writable, out / LOG_FILE, out / BEST_FILE, out / RESULT_FILE)  # one rank probes
         return run(args, config, dist, checkpoint, pixels, start, out)
     finally:
         dist.close()
