@@ -6,7 +6,6 @@ import math
 import os
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -276,18 +275,30 @@ class NonFiniteError(RuntimeError):
     without writing non-finite weights; train_graph.py exits with status 1."""
 
 
+def enable_fp16_on_cpu(acc: Accelerator):
+    """Switches on accelerate's own fp16 path (autocast + loss scaler) where it accepts fp16 but runs float32.
+
+    accelerate (1.x) takes mixed_precision="fp16" on a CPU without error yet sets up neither autocast nor a
+    GradScaler. Here it gets torch.amp's CPU pair: autocast(device_type="cpu", dtype=float16), which
+    accelerate's autocast() and prepare() apply once `native_amp` is set, and GradScaler("cpu"), which its
+    backward() and prepared optimizer use. So CPU and GPU share one training step. Call before prepare();
+    does nothing for other precisions, on a GPU, or where accelerate already made a scaler.
+    """
+    if acc.mixed_precision != "fp16" or acc.device.type != "cpu" or acc.scaler is not None:
+        return
+    acc.native_amp = True
+    acc.scaler = torch.amp.GradScaler("cpu")
+
+
 class Trainer:
     """Runs `config.train` with accelerate (DDP, mixed precision), EMA, exact resume, rank-0 logging."""
 
     def __init__(self, config, tokens, labels, graphs=None, model=None):
         t = config.train
         self.config = config
-        precision = t.mixed_precision
-        if precision == "fp16" and not torch.cuda.is_available():
-            warnings.warn("fp16 mixed precision needs a GPU; training in float32 on this CPU")
-            precision = "no"
-        self.precision = precision
-        self.accelerator = acc = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        self.precision = t.mixed_precision
+        self.accelerator = acc = Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available())
+        enable_fp16_on_cpu(acc)
         self.rank, self.world = acc.process_index, acc.num_processes
         per_step = self.world * t.grad_accum
         if t.batch_size % per_step:
@@ -326,7 +337,7 @@ class Trainer:
 
     @property
     def scaler(self):
-        """accelerate's GradScaler (fp16 on a GPU), else None."""
+        """The fp16 loss scaler (accelerate's on a GPU, GradScaler("cpu") on a CPU), else None."""
         return getattr(self.optimizer, "scaler", None)
 
     def log(self, msg):
