@@ -16,6 +16,8 @@ from tests.helpers import (ka_mig_trainer, synthetic_tokens, tiny_backbone, tiny
                            write_training_token_dir)
 
 FP16_INIT_SCALE = 2.0 ** 16  # GradScaler's default initial scale (accelerate's on a GPU, ours on a CPU)
+FP16_CPU_WARNING = "mixed_precision=fp16 on a CPU"
+pytestmark = pytest.mark.filterwarnings(f"ignore:train.{FP16_CPU_WARNING}")  # asserted where it is the point
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +62,8 @@ def test_accelerate_runs_fp16_on_a_cpu_in_float32_until_the_trainer_switches_aut
     assert acc.mixed_precision == "fp16" and acc.scaler is None  # accepted without error ...
     with acc.autocast():
         assert lin(x).dtype == torch.float32  # ... and silently float32
-    enable_fp16_on_cpu(acc)
+    with pytest.warns(UserWarning, match=FP16_CPU_WARNING):  # slow there: says so
+        enable_fp16_on_cpu(acc)
     assert isinstance(acc.scaler, torch.amp.GradScaler) and acc.scaler._device == "cpu"
     with acc.autocast():
         assert lin(x).dtype == torch.float16

@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -288,6 +289,8 @@ def enable_fp16_on_cpu(acc: Accelerator):
         return
     acc.native_amp = True
     acc.scaler = torch.amp.GradScaler("cpu")
+    warnings.warn("train.mixed_precision=fp16 on a CPU: most CPUs emulate fp16 arithmetic, many times slower than "
+                  "float32; bf16 or 'no' train faster there")
 
 
 class Trainer:
