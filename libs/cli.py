@@ -1,14 +1,15 @@
 """Command-line helpers of the entry scripts: one-line user errors, flag errors, early output checks.
 
 `run_main(main)` ends a user error (libs.errors) with one line `error: ...` on stderr and exit status 2; a flag
-error (unknown option, bad value, unknown --config.* key) of `ArgumentParser` does the same.
+error (unknown option, bad value, unknown --config.* key) of `ArgumentParser` does the same. Values that turned
+NaN/inf (libs.errors.NonFiniteValues) end with one line and exit status 1.
 """
 import argparse
 import os
 import sys
 from pathlib import Path
 
-from libs.errors import BadInput, UserError, one_line
+from libs.errors import BadInput, NonFiniteValues, UserError, one_line
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -27,8 +28,9 @@ def _probe_folder(folder: Path, what: str):
     except FileExistsError as e:
         raise BadInput(f"cannot write {what}: {folder} exists and is not a folder") from e
     except OSError as e:
-        raise BadInput(f"cannot write {what}: cannot create the folder {folder} "
-                       f"({e.strerror or type(e).__name__})") from e
+        blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)  # a file in the way
+        reason = f"{blocker} is a file, not a folder" if blocker else e.strerror or type(e).__name__
+        raise BadInput(f"cannot write {what}: cannot create the folder {folder} ({reason})") from e
     if not folder.is_dir():
         raise BadInput(f"cannot write {what}: {folder} is not a folder")
     probe = folder / f".write_probe.{os.getpid()}.tmp"
@@ -63,11 +65,15 @@ def check_writable(*paths, folders=()):
 
 
 def run_main(main, argv=None):
-    """sys.exit(main(argv)); a UserError ends with one line `error: ...` on stderr and exit status 2."""
+    """sys.exit(main(argv)); a UserError ends with one line `error: ...` on stderr and exit status 2, values that
+    turned NaN/inf (NonFiniteValues) with one line and exit status 1."""
     try:
         status = main(argv)
     except UserError as e:
         if not getattr(e, "reported_elsewhere", False):  # a verdict rank 0 printed already (torchrun)
             print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteValues as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(e.exit_status)
     sys.exit(status if isinstance(status, int) else 0)

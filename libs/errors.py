@@ -28,3 +28,10 @@ def one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return "".join(line + ("" if i == len(lines) - 1 else " " if line[-1] in ".:;,(" else "; ")
                    for i, line in enumerate(lines))
+
+
+class NonFiniteValues(RuntimeError):
+    """A model's numbers turned NaN/inf (logits while sampling or scoring): the run stops before they become
+    output. Not the user's input: entry scripts end it with one line `error: ...` and exit status 1, as a
+    diverged training run (train_graph.py)."""
+    exit_status = 1
