@@ -75,6 +75,7 @@ def main(argv=None):
     if args.num < 1:
         raise BadInput(f"--num-samples must be at least 1, got {args.num}")
     pixels = check_inputs(args, config)
+    schedule_from_flags(config, args.schedule, args.steps, args.cfg, args.temp, **schedule_args(args))  # checked now
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINTS[args.model]
     out = Path(args.out)
     paths = output_paths(out)

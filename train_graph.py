@@ -15,6 +15,7 @@ import sys
 
 from libs.cli import ArgumentParser, run_main
 from libs.config import parse_args_with_config
+from libs.config_schema import check_config
 from libs.data.tokens import load_tokens
 from libs.errors import BadInput, MissingInput, UserError, one_line
 from libs.training.periodic_fid import periodic_fid
@@ -52,6 +53,8 @@ def main(argv=None):
     if os.environ.get(PRECISION_ENV):
         with config.train.unlocked():
             config.train.mixed_precision = os.environ[PRECISION_ENV]
+        check_config(config, what="the training config", only="train.mixed_precision",
+                     sources={"train.mixed_precision": PRECISION_ENV})
         print(f"{PRECISION_ENV}={config.train.mixed_precision}: overrides config.train.mixed_precision")
     tokens, labels = load_training_tokens(config)
     trainer = Trainer(config, tokens, labels)

@@ -22,8 +22,8 @@ from pathlib import Path
 from demo.fashion_mnist import locate_idx_folder
 from libs.atomic_io import atomic_write, atomic_write_json
 from libs.checkpoint import file_sha256
-from libs.config import apply_override, load_config_file, split_overrides
-from libs.errors import MissingInput, UserError, one_line
+from libs.config import resolve_config, split_overrides
+from libs.errors import BadInput, MissingInput, UserError, one_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_FILE = "vqgan_demo.pth"
@@ -112,7 +112,10 @@ def parse_demo_args(parser, argv=None):
     """Adds the demo drivers' shared --threads flag and parses argv; -> (args, --config.<key>=<value> overrides)."""
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per stage (default 0: all cores, or 1 on an already busy machine)")
-    overrides, rest = split_overrides(sys.argv[1:] if argv is None else list(argv))
+    try:
+        overrides, rest = split_overrides(sys.argv[1:] if argv is None else list(argv))
+    except BadInput as e:  # a --config.* key without a value
+        parser.error(str(e))
     return parser.parse_args(rest), overrides
 
 
@@ -249,11 +252,9 @@ def repo_path(path) -> Path:
 
 
 def load_demo_config(config_file, overrides):
-    """The driver's own view of the config, with the same `--config.x=v` overrides the stages get."""
-    config = load_config_file(config_file)
-    for key, value in overrides:
-        apply_override(config, key, value)
-    return config
+    """The driver's own view of the config, with the same `--config.x=v` overrides the stages get, checked like
+    every entry script's (libs.config.resolve_config): MissingInput, or BadInput naming every bad value."""
+    return resolve_config(config_file, overrides)
 
 
 def clean_outputs(out: Path, names):

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from demo.tokenizer_training import run_tokenizer_training
-from libs.cli import ArgumentParser
+from libs.cli import ArgumentParser, run_main
 from libs.config import parse_args_with_config
 
 
@@ -29,4 +29,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

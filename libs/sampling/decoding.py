@@ -78,7 +78,7 @@ def parse_guidance_steps(value, steps: int) -> Optional[List[int]]:
     """The step indices where guidance applies: None for 'all', else sorted indices in [0, T).
 
     `value`: 'all', a list of ints, or a string of comma-separated indices and inclusive ranges ('3,4,5',
-    '3-7', '[3, 4]'). Raises ValueError for anything else or an index outside [0, T).
+    '3-7', '[3, 4]'). Raises ValueError for anything else, a range a-b with a > b or an index outside [0, T).
     """
     if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
         return None
@@ -90,9 +90,14 @@ def parse_guidance_steps(value, steps: int) -> Optional[List[int]]:
         for part in text.split(","):
             lo, sep, hi = part.partition("-")
             try:
-                out.extend(range(int(lo), int(hi) + 1) if sep else [int(part)])
+                first, last = (int(lo), int(hi)) if sep else (int(part), int(part))
             except ValueError:
                 raise ValueError(f"guidance_steps '{value}': '{part}' is not a step index or range a-b") from None
+            if first > last:  # an empty range would switch guidance off without a word
+                raise ValueError(f"guidance_steps '{value}': the range '{part}' runs backwards (write a-b with a <= b)")
+            if first < 0 or last >= steps:  # checked before the range is expanded
+                raise ValueError(f"guidance_steps '{part}' outside the {steps} steps 0..{steps - 1}")
+            out.extend(range(first, last + 1))
     else:
         out = [int(s) for s in value]
     bad = [s for s in out if not 0 <= s < steps]

@@ -36,9 +36,27 @@ def class_labels(num: int, num_classes: int, mode="balanced", seed=0) -> np.ndar
     raise BadInput(f"unknown label mode '{mode}' (balanced or random)")
 
 
+SEED_STRIDE = 1_000_003  # sample i of seed s is drawn with a generator seeded with s * SEED_STRIDE + i
+MAX_SAMPLES = 2 ** 32  # sample indices a seed must cover when the count is not known
+
+
 def index_generators(indices, seed, device) -> list:
     """One torch.Generator per global sample index, so a sample does not depend on its batch mates."""
-    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+    return [torch.Generator(device=device).manual_seed(seed * SEED_STRIDE + int(i)) for i in indices]
+
+
+def max_sample_seed(count: int = MAX_SAMPLES) -> int:
+    """The largest seed whose `count` samples' generator seeds (seed * SEED_STRIDE + i) stay below 2**64, the
+    limit of torch.Generator.manual_seed."""
+    return (2 ** 64 - max(int(count), 1)) // SEED_STRIDE
+
+
+def check_sample_seed(seed: int, flag: str = "--seed", count: int = MAX_SAMPLES):
+    """BadInput unless 0 <= seed <= max_sample_seed(count) (`count` samples, indices 0..count-1)."""
+    top = max_sample_seed(count)
+    if not 0 <= seed <= top:
+        raise BadInput(f"{flag} {seed} is outside [0, {top}]: sample i is seeded with seed * {SEED_STRIDE} + i, "
+                       f"which torch.Generator takes below 2**64")
 
 
 def check_pixels(pixels: str) -> str:
@@ -130,6 +148,9 @@ def labelled_grid(images: np.ndarray, labels, names=None, columns=None) -> Image
 
 STRATEGY_KEYS = ("schedule", "ratios", "conf_temps", "sample_temps", "guidance", "steps", "cfg_scale", "temp",
                  "guidance_schedule", "guidance_power", "guidance_steps", "order")  # what --strategy may set
+SAMPLE_FLAGS = {"schedule": "--schedule", "steps": "--steps", "cfg_scale": "--cfg", "temp": "--temp",
+                "guidance_schedule": "--guidance-schedule", "guidance_power": "--guidance-power",
+                "guidance_steps": "--guidance-steps", "order": "--order"}  # config.sample key -> its flag
 SAMPLE_DEFAULTS = {"guidance_schedule": "linear", "guidance_power": 1.0, "guidance_steps": "all",
                    "order": "confidence"}  # keys configs written before them may lack
 
@@ -137,8 +158,11 @@ SAMPLE_DEFAULTS = {"guidance_schedule": "linear", "guidance_power": 1.0, "guidan
 def load_strategy_file(path) -> dict:
     """{key: value} of the decoding-strategy keys in a get_config() file (configs/autonat_t8_strategy.py or a
     file written by `python -m libs.sampling.strategy_search`). Keys outside STRATEGY_KEYS (pixels, ...) are not
-    part of a strategy and are left out. MissingInput if the file is absent, BadInput if it holds no strategy."""
+    part of a strategy and are left out. MissingInput if the file is absent, BadInput if it holds no strategy or a
+    value the config.sample rules refuse (libs.config_schema: NaN, a ratio outside [0, 1], lists of unequal length).
+    """
     from libs.config import load_config_file  # noqa: PLC0415 - only the scripts need it
+    from libs.config_schema import check_config  # noqa: PLC0415 - it imports this module
     try:
         cfg = load_config_file(path)
     except UserError:
@@ -149,6 +173,7 @@ def load_strategy_file(path) -> dict:
     if "schedule" not in values:
         raise BadInput(f"--strategy {path}: get_config() has no 'schedule' key (autonat or maskgit)")
     values = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in values.items()}
+    check_config({"sample": values}, what=f"--strategy {path}", only="sample", require=False)  # before merging
     if isinstance(values.get("guidance_steps"), list):  # the config keeps it as text ('all' or '4,5,6')
         values["guidance_steps"] = ",".join(str(int(s)) for s in values["guidance_steps"])
     return values
@@ -159,25 +184,28 @@ def schedule_from_flags(config, schedule=None, steps=None, cfg_scale=None, temp=
     """The config's sampling schedule, with an optional --strategy file, then the flag overrides
     (--schedule/--steps/--cfg/--temp/--guidance-schedule/--guidance-power/--guidance-steps/--order).
 
-    config.sample is updated in place (so that it describes what is sampled). Bad values (steps < 1, a
-    schedule of inconsistent lengths, an unknown schedule, a guidance schedule asked for with the autonat
-    strategy, guidance steps outside the schedule) raise BadInput.
+    config.sample is updated in place (so that it describes what is sampled), then checked by the config.sample
+    rules (libs.config_schema; messages name the flag or file a value came from). Bad values (steps < 1, a
+    schedule of inconsistent lengths, an unknown schedule, NaN or negative temperatures and guidance, a guidance
+    schedule asked for with the autonat strategy, guidance steps outside the schedule) raise BadInput.
     """
+    from libs.config_schema import check_config  # noqa: PLC0415 - it imports this module
     if steps is not None and steps < 1:
         raise BadInput(f"--steps must be at least 1, got {steps}")
-    sample = config.sample
+    sample, sources = config.sample, {}
     with sample.unlocked():
         for key, value in SAMPLE_DEFAULTS.items():
             if key not in sample:
                 sample[key] = value
         if strategy:
             for key, value in load_strategy_file(strategy).items():
-                sample[key] = value
+                sample[key], sources[f"sample.{key}"] = value, f"--strategy {strategy}"
         for key, value in (("schedule", schedule), ("steps", steps), ("cfg_scale", cfg_scale), ("temp", temp),
                            ("guidance_schedule", guidance_schedule), ("guidance_power", guidance_power),
                            ("guidance_steps", guidance_steps), ("order", order)):
             if value is not None and value != "":
-                sample[key] = value
+                sample[key], sources[f"sample.{key}"] = value, SAMPLE_FLAGS[key]
+    check_config(config, what="sampling settings", only="sample", require=False, sources=sources)
     if sample.schedule not in ("autonat", "maskgit"):
         raise BadInput(f"unknown schedule config.sample.schedule='{sample.schedule}' (autonat or maskgit)")
     if sample.schedule == "maskgit" and sample.steps < 1:
@@ -192,15 +220,18 @@ def schedule_from_flags(config, schedule=None, steps=None, cfg_scale=None, temp=
         raise BadInput(f"config.sample: {e}") from e
 
 
-def check_inputs(args, config) -> str:
+def check_inputs(args, config, sample_seeds: dict = None) -> str:
     """Flag and config checks shared by the sampling scripts, before any model is built; returns config.sample.pixels.
 
-    Resolves `args.cpu_kernels` (None: 'onednn', or 'default' with --compile). Bad values (batch size, pixel
-    mode, --compile with oneDNN kernels, no tokenizer checkpoint, a tokenizer that does not fit the backbone)
-    raise BadInput.
+    Resolves `args.cpu_kernels` (None: 'onednn', or 'default' with --compile). Bad values (batch size, sample
+    seeds (`sample_seeds`: flag -> seed, default {'--seed': args.seed}, each for `args.num` samples or
+    MAX_SAMPLES), pixel mode, --compile with oneDNN kernels, no tokenizer checkpoint, a tokenizer that does not fit
+    the backbone) raise BadInput.
     """
     if args.batch_size < 1:
         raise BadInput(f"--batch-size must be at least 1, got {args.batch_size}")
+    for flag, seed in (sample_seeds or {"--seed": args.seed}).items():
+        check_sample_seed(seed, flag, getattr(args, "num", None) or MAX_SAMPLES)
     if getattr(args, "compile", False) and args.cpu_kernels == "onednn":
         raise BadInput("--compile needs plain linear layers: drop --cpu-kernels onednn (with --compile the "
                        "default is --cpu-kernels default; inductor makes its own CPU kernels)")

@@ -365,6 +365,8 @@ def check_args(args):
             raise BadInput(f"{name} must be at least {low}, got {value}")
     if not args.sigma > 0:
         raise BadInput(f"--sigma must be positive, got {args.sigma}")
+    if args.seed < 0:
+        raise BadInput(f"--seed must be at least 0 (numpy.random.default_rng takes no negative seed), got {args.seed}")
     heldout = heldout_seeds(args)
     if args.sample_seed in heldout:
         raise BadInput(f"the held-out seeds {heldout} include the search's --sample-seed {args.sample_seed}")
@@ -377,7 +379,9 @@ def heldout_seeds(args) -> list:
 def main(argv=None):
     args, config = parse_args_with_config(build_parser(), "configs/ka_mig_l.py", argv)
     check_args(args)
-    pixels = check_inputs(args, config)
+    seeds = {"--sample-seed": args.sample_seed, "--heldout-seed-base": args.heldout_seed_base,
+             "--heldout-seed-base + --heldout-seeds - 1": max(heldout_seeds(args), default=args.heldout_seed_base)}
+    pixels = check_inputs(args, config, sample_seeds=seeds)  # every seed a sample generator is seeded from
     start = start_strategy(args, config)
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINTS[args.model]
     load_reference_stats(args.ref_stats, dims=FEATURE_DIM)  # checked before any sampling
