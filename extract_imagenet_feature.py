@@ -16,9 +16,10 @@ import sys
 
 import torch
 
-from libs.cli import ArgumentParser, run_main
+from libs.cli import ArgumentParser, check_writable, run_main
 from libs.config import parse_args_with_config
-from libs.data.tokens import StopRequested, extract_token_dataset
+from libs.data.tokens import PARTIAL_DIR, StopRequested, extract_token_dataset
+from libs.devices import check_device
 from libs.distributed import Distributed
 from libs.errors import BadInput, UserError, one_line
 
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
             raise BadInput(f"--workers must be 0 or more, got {args.workers}")
         if not config.tokenizer.checkpoint:
             raise BadInput("no tokenizer checkpoint: set --config.tokenizer.checkpoint=<file>")
+        check_device(args.device)  # 'gpu', 'cuda:99', cuda without a GPU: one line, not a traceback
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -67,6 +69,8 @@ def main(argv=None) -> int:
     out = args.out or os.path.join("assets", "imagenet256_vq_features", args.split)
     flip = (args.split == "train") if args.flip is None else args.flip
     try:
+        # before the tokenizer is built or a chunk computed; one rank probes (it creates and removes folders)
+        dist.on_main(check_writable, folders=[out, os.path.join(out, PARTIAL_DIR)])
         extract_token_dataset(os.path.join(args.path, args.split), out, config.tokenizer, flip=flip,
                               batch_size=args.batch_size, workers=args.workers, device=device,
                               chunk_size=args.chunk_size, overwrite=args.overwrite,
@@ -75,7 +79,8 @@ def main(argv=None) -> int:
         logging.getLogger("token_dataset").error("%s", e)
         return 3
     except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        if not getattr(e, "reported_elsewhere", False):  # rank 0 printed the verdict of its check already
+            print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     finally:
         dist.close()

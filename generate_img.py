@@ -13,7 +13,9 @@ hashes, schedule, seed, classes and images per class, precision, CPU kernels, co
 configs, sampler version), so the same command always writes the same folder and different settings never
 share one. Rerunning the same command reuses the PNGs already there (only missing or unreadable ones are
 sampled) and rewrites the grid; a folder whose fingerprint.json differs is refused, and --overwrite deletes
-the old PNGs first. A user error ends with one line `error: ...`, exit status 2.
+the old PNGs first. A user error ends with one line `error: ...`, exit status 2. Logits that turn NaN/inf
+(sampling or editing, e.g. an fp16 overflow) stop the run with one line naming the decoding step, the precision
+and what to try, exit status 1; the PNGs of that batch are not written.
 
 Editing (--edit IMAGE --mask MASK --class C): the image is preprocessed as for tokenization (centre crop to
 the tokenizer's resolution) and tokenized; tokens with any pixel inside the mask are regenerated under class C

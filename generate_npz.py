@@ -11,7 +11,9 @@ file (e.g. one written by `python -m libs.sampling.strategy_search`) and the sch
 Rerunning into the same --out resumes only when that fingerprint is the same; otherwise it stops and names
 the differing fields (--overwrite deletes the old samples and starts fresh). samples.npz holds the images
 (arr_0), the label of each (labels) and the fingerprint; metrics.json repeats the fingerprint. A user error
-ends with one line `error: ...`, exit status 2.
+ends with one line `error: ...`, exit status 2. Logits that turn NaN/inf (e.g. an fp16 overflow) stop the run
+with one line naming the decoding step, the precision and what to try, exit status 1 (as a diverged training
+run): the PNGs of that batch are not written and samples.npz is not packed; earlier batches' PNGs are kept.
 """
 import argparse
 import json

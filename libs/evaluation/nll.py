@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
+from libs.nonfinite import NonFiniteLogits, autocast_precision, what_to_try
+
 
 def masked_counts(seq_len: int, ratios) -> list:
     """Masked places per image at each ratio: clamp(round(L r), 1, L)."""
@@ -40,6 +42,10 @@ def masked_nll(model, tokens, labels, ratios, seed: int = 0, batch_size: int = 2
     KAMIG, a FusionCache); it must be in eval mode (dropout would make the numbers random). tokens [N,L] ints,
     labels [N] class ids (the true classes; never the null class unless given). mask_token_id defaults to
     `model.mask_token_id`. Results do not depend on batch_size beyond float rounding.
+
+    Raises libs.nonfinite.NonFiniteLogits (naming the images, the mask ratio and the autocast precision) when
+    the model's logits turn NaN/inf: NaN/inf logits anywhere in a row make its NLL non-finite, which is checked on
+    the numbers already copied to the host, once per batch.
     """
     if getattr(model, "training", False):
         raise ValueError("masked_nll needs the model in eval mode (dropout would make the NLL random)")
@@ -62,7 +68,22 @@ def masked_nll(model, tokens, labels, ratios, seed: int = 0, batch_size: int = 2
             logp = F.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None])[..., 0]  # [B,L]
             nll = -(logp * mask).sum(1) / mask.sum(1)  # mean over the masked places
             out[s:s + batch_size, j] = nll.double().cpu().numpy()
+        check_finite_nll(out[s:s + batch_size], s, ratios, torch.device(device).type)
     return out
+
+
+def check_finite_nll(nll: np.ndarray, first: int, ratios, device_type: str):
+    """NonFiniteLogits naming the first image (index `first` + row) and mask ratio of `nll` [B,R] that is not
+    finite, with the autocast precision in use and what to try; nothing when all are finite."""
+    bad = np.argwhere(~np.isfinite(nll))  # [n,2] (row, ratio index)
+    if not len(bad):
+        return
+    row, j = bad[0]
+    precision = autocast_precision(device_type)
+    raise NonFiniteLogits(f"held-out NLL stopped: the model's logits turned NaN/inf for image {first + row} at mask "
+                          f"ratio {ratios[j]} ({len(bad)} of {nll.size} values in images {first}.."
+                          f"{first + len(nll) - 1}) under precision {precision}; {what_to_try(precision)}",
+                          precision=precision)
 
 
 # ----------------------------------------------------------------------------- intervals

@@ -13,6 +13,8 @@ from typing import Callable, List, Optional
 
 import torch
 
+from libs.nonfinite import autocast_precision, raise_if_nonfinite
+
 RATIO_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 GUIDANCE_SCHEDULES = ("constant", "linear", "pow-cosine")  # maskgit schedule: how the guidance grows over steps
 ORDERS = ("confidence", "halton")  # which masked tokens stay masked after a step
@@ -292,6 +294,9 @@ def generate(model: Callable, class_ids: torch.Tensor, schedule: Schedule, *, se
 
     `generator`: one torch.Generator for the batch, or a list of one per sample (per-index seeding:
     a sample's noise then does not depend on which other samples share its batch).
+
+    Raises libs.nonfinite.NonFiniteLogits (naming the first such step and the autocast precision) when the
+    logits of any step hold NaN/inf; each step only records a flag on the device, read once after the loop.
     """
     class_ids = class_ids.view(-1).long()
     B, device = class_ids.shape[0], class_ids.device
@@ -299,8 +304,10 @@ def generate(model: Callable, class_ids: torch.Tensor, schedule: Schedule, *, se
     n_unknown = (ids == mask_token_id).sum(1)  # [B]
     priority = halton_priority(seq_len, device) if schedule.order == "halton" else None  # [L]
     T = schedule.steps
+    finite = []  # per step a 0-d bool on the device: no host sync inside the loop
     for t in range(T):
         logits = guided_logits(model, ids, class_ids, schedule.guidance[t], null_class_id)  # [B,L,K]
+        finite.append(torch.isfinite(logits).all())
         is_masked = ids == mask_token_id
         temp = max(schedule.sample_temps[t], 1e-4)
         sampled = (logits / temp + gumbel(logits.shape, generator, device)).argmax(-1)  # Categorical
@@ -318,4 +325,5 @@ def generate(model: Callable, class_ids: torch.Tensor, schedule: Schedule, *, se
             ids = remask_lowest(sampled, conf, counts, mask_token_id)
         if record is not None:
             record.append(ids.clone())
+    raise_if_nonfinite(finite, autocast_precision(device.type))  # the one read of the flags
     return ids

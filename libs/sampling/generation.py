@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from libs.atomic_io import atomic_write
+from libs.devices import check_device
 from libs.errors import BadInput, UserError
 from libs.models.cpu_kernels import CPU_KERNELS
 from libs.models.factory import (DEFAULT_CHECKPOINTS, MODEL_KINDS, backbone_config, check_tokenizer_matches,
@@ -21,10 +22,8 @@ PIXELS = ("truncate", "round")
 
 
 def pick_device(name=None) -> torch.device:
-    """cuda if available (or as asked), else cpu."""
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """cuda if available (or as asked), else cpu; BadInput for a device this machine lacks (libs.devices)."""
+    return check_device(name or None)
 
 
 def class_labels(num: int, num_classes: int, mode="balanced", seed=0) -> np.ndarray:
@@ -223,8 +222,8 @@ def schedule_from_flags(config, schedule=None, steps=None, cfg_scale=None, temp=
 def check_inputs(args, config, sample_seeds: dict = None) -> str:
     """Flag and config checks shared by the sampling scripts, before any model is built; returns config.sample.pixels.
 
-    Resolves `args.cpu_kernels` (None: 'onednn', or 'default' with --compile). Bad values (batch size, sample
-    seeds (`sample_seeds`: flag -> seed, default {'--seed': args.seed}, each for `args.num` samples or
+    Resolves `args.cpu_kernels` (None: 'onednn', or 'default' with --compile). Bad values (batch size, --device,
+    sample seeds (`sample_seeds`: flag -> seed, default {'--seed': args.seed}, each for `args.num` samples or
     MAX_SAMPLES), pixel mode, --compile with oneDNN kernels, no tokenizer checkpoint, a tokenizer that does not fit
     the backbone) raise BadInput.
     """
@@ -232,6 +231,7 @@ def check_inputs(args, config, sample_seeds: dict = None) -> str:
         raise BadInput(f"--batch-size must be at least 1, got {args.batch_size}")
     for flag, seed in (sample_seeds or {"--seed": args.seed}).items():
         check_sample_seed(seed, flag, getattr(args, "num", None) or MAX_SAMPLES)
+    check_device(args.device)  # 'gpu', 'cuda:99', cuda without a GPU: one line now, not a traceback later
     if getattr(args, "compile", False) and args.cpu_kernels == "onednn":
         raise BadInput("--compile needs plain linear layers: drop --cpu-kernels onednn (with --compile the "
                        "default is --cpu-kernels default; inductor makes its own CPU kernels)")

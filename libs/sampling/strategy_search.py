@@ -26,6 +26,11 @@ At the end the best strategy is written as <out>/best_strategy.py (a get_config(
 generate_img.py / generate_npz.py with --strategy) beside <out>/start_strategy.py, and both are evaluated on
 --heldout-seeds fresh sample seeds (never the search's): <out>/result.json holds the search objective and the
 held-out FIDs (each seed, mean and std, paired differences), so over-fitting to the search's seeds shows.
+
+A user error ends with one line `error: ...`, exit status 2. Logits that turn NaN/inf while a candidate is
+sampled (e.g. an fp16 overflow) stop the search with one line naming the decoding step, the precision and what
+to try, exit status 1; that evaluation is not logged (the precision is one of the log's settings: rerun with
+another --precision into a new --out, or with --overwrite).
 """
 import argparse
 import hashlib
