@@ -23,6 +23,8 @@ import torch
 from configs import autonat_t8_strategy
 from libs.checkpoint import load_strict
 from libs.config import load_config_file
+from libs.devices import check_device
+from libs.errors import BadInput
 from libs.graphs.files import graph_paths, load_edge_graph
 from libs.models.factory import build_model
 from libs.models.cpu_kernels import apply_cpu_kernels
@@ -235,6 +237,10 @@ def main():
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    try:
+        check_device(args.device)
+    except BadInput as e:
+        parser.error(str(e))
     if args.measure:
         return child(args)
 
