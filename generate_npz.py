@@ -31,6 +31,7 @@ from libs.config import parse_args_with_config
 from libs.data.images import UnreadableImage, read_rgb
 from libs.distributed import Distributed
 from libs.errors import BadInput, UserError
+from libs.folder_lock import FolderLock
 from libs.evaluation.fid_stats import compute_metrics, load_reference_stats
 from libs.evaluation.inception import CONVERTED_CACHE, FEATURE_DIM, load_feature_extractor
 from libs.models.factory import DEFAULT_CHECKPOINTS, load_tokenizer_and_model
@@ -83,7 +84,9 @@ def main(argv=None):
     paths = output_paths(out)
 
     dist = Distributed()
+    lock = FolderLock(out, "--out folder", "or choose another --out")
     try:
+        lock.acquire_on_main(dist)  # one process per --out (rank 0 holds the lock): a second run stops here
         # everything that can be checked without sampling is checked before the first sample
         if not args.no_fid:
             load_reference_stats(args.ref_stats, dims=FEATURE_DIM)  # keys, shapes, 2048-d, finite values
@@ -94,6 +97,7 @@ def main(argv=None):
                      folders=[paths["samples"]])
         run(args, config, dist, checkpoint, pixels, paths)
     finally:
+        lock.release()
         dist.close()
 
 

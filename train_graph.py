@@ -5,7 +5,11 @@
     Mixed precision: ACCELERATE_MIXED_PRECISION=fp16|bf16|no or --config.train.mixed_precision.
 
 Rerunning the same command resumes from the newest readable checkpoint of output/<run_name>/ (its config
-must match; see RESUME_MAY_CHANGE in libs/training/trainer.py for the keys that may change). Exit status:
+must match; see RESUME_MAY_CHANGE in libs/training/trainer.py for the keys that may change). The run records a
+fingerprint of its token dataset and graph files (sha256 and size; inputs.json and every checkpoint); a resume
+after either changed stops naming what changed, unless --allow-input-change is given (then it is logged). One
+process per run folder: a second train_graph.py on the same folder stops at once naming the first one's pid.
+Exit status:
 0 done, 1 training diverged (a non-finite loss, gradient norm or weight; nothing non-finite was written),
 2 a problem with the input (one line `error: ...`).
 """
@@ -18,6 +22,7 @@ from libs.config import parse_args_with_config
 from libs.config_schema import check_config
 from libs.data.tokens import load_tokens
 from libs.errors import BadInput, MissingInput, UserError, one_line
+from libs.training.inputs import training_inputs
 from libs.training.periodic_fid import periodic_fid
 from libs.training.trainer import NonFiniteError, Trainer
 
@@ -48,6 +53,9 @@ def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--crash-after-step", type=int, default=None,
                         help="testing aid: SIGKILL every process right after this step (and its checkpoint)")
+    parser.add_argument("--allow-input-change", action="store_true",
+                        help="resume even if the token dataset or graph files changed since the checkpoint "
+                             "(sha256 fingerprint); the change is logged (default: stop and name it)")
     args, config = parse_args_with_config(parser, "configs/ka_mig_l.py", argv)
 
     if os.environ.get(PRECISION_ENV):
@@ -57,7 +65,8 @@ def main(argv=None):
                      sources={"train.mixed_precision": PRECISION_ENV})
         print(f"{PRECISION_ENV}={config.train.mixed_precision}: overrides config.train.mixed_precision")
     tokens, labels = load_training_tokens(config)
-    trainer = Trainer(config, tokens, labels)
+    trainer = Trainer(config, tokens, labels, inputs=lambda: training_inputs(config),
+                      allow_input_change=args.allow_input_change)
     eval_fn = periodic_fid if config.train.fid_interval > 0 else None
     try:
         trainer.fit(eval_fn=eval_fn, crash_after_step=args.crash_after_step)
@@ -68,6 +77,7 @@ def main(argv=None):
     finally:
         # tear the torchrun process group down before the interpreter exits: left to interpreter shutdown, gloo's
         # threads can abort a rank ("terminate called without an active exception") after a finished run
+        trainer.close()
         trainer.accelerator.end_training()
     return 0
 

@@ -21,6 +21,7 @@ from libs.cli import ArgumentParser, check_writable, run_main
 from libs.config import parse_args_with_config
 from libs.data.tokens import load_tokens
 from libs.errors import BadInput, UserError
+from libs.folder_lock import FolderLock
 from libs.graphs import recipes as G
 from libs.graphs.files import GRAPH_FILES, sample_tokens, save_edge_graph, save_incompatibility, save_sample_tokens
 
@@ -82,8 +83,15 @@ def bar(desc):
 
 
 def main(argv=None):
-    """Loads the tokens, builds the chosen graphs and writes them with metadata; returns {name: path}."""
+    """Parses the flags and builds the graphs holding the output folder's lock (one process per graph folder:
+    a second build_graphs into it stops at once, FolderBusy naming the first one's pid); returns {name: path}."""
     args = parse_args(argv)
+    with FolderLock(args.out, "graph folder", "or choose another --out"):
+        return build(args)
+
+
+def build(args):
+    """Loads the tokens, builds the chosen graphs and writes them with metadata; returns {name: path}."""
 
     t0 = time.time()
     try:

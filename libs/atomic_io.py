@@ -301,3 +301,42 @@ def atomic_savez(path, arrays: dict, compressed: bool = False) -> Path:
         with open(tmp, "wb") as f:
             write_npz(f, arrays, compressed)
     return atomic_write(path, write, size=sum(np.asarray(v).nbytes for v in arrays.values()))
+
+
+def append_lines(path, text: str) -> Path:
+    """Appends `text` (whole lines, ending in a newline) to the file at `path`, created if absent, and flushes it
+    to disk; what the file holds is never rewritten. A last line without its newline (cut by a crash) is
+    removed first, so the new lines start a line of their own. For logs that grow by rows; one process appends
+    to a given file at a time. Raises DiskFull on ENOSPC."""
+    path = Path(path)
+    data = text.encode()
+    try:
+        with open(path, "ab+") as f:
+            _cut_unfinished_line(f)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if is_disk_full(e) and not isinstance(e, DiskFull):
+            raise disk_full(path, len(data)) from e
+        raise
+    return path
+
+
+def _cut_unfinished_line(f, block: int = 1 << 16):
+    """Truncates the binary file `f` after its last newline (to empty if it has none)."""
+    end = f.seek(0, os.SEEK_END)
+    pos = end
+    while pos > 0:
+        start = max(0, pos - block)
+        f.seek(start)
+        chunk = f.read(pos - start)
+        nl = chunk.rfind(b"\n")
+        if nl >= 0:
+            keep = start + nl + 1
+            break
+        pos = start
+    else:
+        keep = 0
+    if keep != end:
+        f.truncate(keep)

@@ -42,21 +42,27 @@ class Distributed:
         """Runs `check(*args, **kwargs)` on rank 0 only and gives its verdict to every rank: its return value, or
         its UserError raised on every rank (the other ranks' copy is marked `reported_elsewhere`, so one line is
         printed). For checks that touch shared files (probing an output folder), which ranks must not race on."""
-        verdict = None
-        if self.is_main:
-            try:
-                verdict = ("ok", check(*args, **kwargs))
-            except UserError as e:
-                verdict = ("error", e)
-        verdict = self.broadcast(verdict)
-        if verdict[0] == "error":
-            error = verdict[1]
-            if not self.is_main:
-                error.reported_elsewhere = True
-            raise error
-        return verdict[1]
+        return verdict_on_main(check, self.is_main, self.broadcast, *args, **kwargs)
 
     def close(self):
         """Tears the process group down if this object created it."""
         if self.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def verdict_on_main(check, is_main: bool, broadcast, *args, **kwargs):
+    """`Distributed.on_main` for any process group: `broadcast(obj)` returns the main process's `obj` on every
+    process (e.g. accelerate's broadcast_object_list); `check`'s return value must pickle."""
+    verdict = None
+    if is_main:
+        try:
+            verdict = ("ok", check(*args, **kwargs))
+        except UserError as e:
+            verdict = ("error", e)
+    verdict = broadcast(verdict)
+    if verdict[0] == "error":
+        error = verdict[1]
+        if not is_main:
+            error.reported_elsewhere = True
+        raise error
+    return verdict[1]

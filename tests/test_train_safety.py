@@ -272,3 +272,101 @@ def test_checkpoints_and_ema_are_byte_identical_across_runs_and_resumes(tmp_path
     for f in ("checkpoints/step_0000003.pt", "checkpoints/step_0000006.pt", "model_ema.pth"):
         digests = {name: sha256(d / f) for name, d in runs.items()}
         assert len(set(digests.values())) == 1, (f, digests)
+
+
+# ----------------------------------------------------------------------------- logs grow by appends
+
+
+def test_append_csv_appends_in_place_and_a_cut_line_never_merges_with_the_next(tmp_path):
+    from libs.training.trainer import append_csv, read_csv, truncate_csv
+    log = tmp_path / "log.csv"
+    append_csv(log, {"step": 1, "loss": 0.5})
+    inode, first = log.stat().st_ino, log.read_bytes()
+    append_csv(log, {"step": 2, "loss": 0.25})
+    assert log.stat().st_ino == inode and log.read_bytes() == first + b"2,0.25\n"  # appended, not rewritten
+    with open(log, "a") as f:
+        f.write("3,0.1")  # a row cut by a crash: no newline
+    assert [r["step"] for r in read_csv(log)[1]] == ["1", "2"]
+    append_csv(log, {"step": 3, "loss": 0.125})
+    assert log.read_text() == "step,loss\n1,0.5\n2,0.25\n3,0.125\n" and log.stat().st_ino == inode
+    append_csv(log, {"step": 4, "loss": 0.0, "fid": 9.5})  # a new column: the one rewrite
+    assert log.read_text() == "step,loss,fid\n1,0.5,\n2,0.25,\n3,0.125,\n4,0.0,9.5\n"
+    with open(log, "a") as f:
+        f.write("5,0.")
+    truncate_csv(log, 10)  # nothing to cut but the unfinished line
+    assert log.read_text() == "step,loss,fid\n1,0.5,\n2,0.25,\n3,0.125,\n4,0.0,9.5\n"
+    truncate_csv(log, 2)
+    assert log.read_text() == "step,loss,fid\n1,0.5,\n2,0.25,\n"
+
+
+# ----------------------------------------------------------------------------- inputs checked on resume
+
+
+def ka_mig_args(tiny_assets, tmp_path, n_steps, *extra):
+    """train_graph.py flags of a tiny KA-MIG run on tmp_path/tokens and tmp_path/graphs."""
+    root, overrides = tiny_assets
+    overrides = [o for o in overrides if not o.startswith("--config.graph.dir=")]
+    return [*overrides, f"--config.graph.dir={tmp_path / 'graphs'}", f"--config.data.path={tmp_path / 'tokens'}",
+            f"--config.output_dir={tmp_path / 'out'}", "--config.train.mode=ka_mig",
+            f"--config.train.init_checkpoint={root / 'backbone.pth'}", f"--config.train.n_steps={n_steps}",
+            "--config.train.save_interval=2", *extra]
+
+
+def fingerprint_of(tmp_path) -> dict:
+    """The expected record: sha256 and size of the two token arrays and the three graph files."""
+    from libs.graphs.files import graph_paths
+
+    def record(path):
+        return {"size": path.stat().st_size, "sha256": sha256(path)}
+    graphs = graph_paths(tmp_path / "graphs")
+    return {"tokens": {name: record(tmp_path / "tokens" / name) for name in ("tokens.npy", "labels.npy")},
+            "graphs": {name: {"file": graphs[name].name, **record(graphs[name])} for name in ("co", "sim", "incompat")}}
+
+
+def train_exit(args, capsys):
+    """(exit status of train_graph.py with args, its stdout, its stderr lines)."""
+    with pytest.raises(SystemExit) as exit_:
+        run_main(train_graph.main, args)
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, [line for line in err.splitlines() if line.strip()]
+
+
+def test_resume_refuses_changed_graphs_or_tokens_naming_them_unless_allowed(tiny_assets, tmp_path, capsys):
+    import json
+    import shutil
+    from libs.graphs.files import graph_paths, load_edge_graph, save_edge_graph
+    root, _ = tiny_assets
+    shutil.copytree(root / "graphs", tmp_path / "graphs")
+    write_training_token_dir(tmp_path / "tokens")
+    run_dir = tmp_path / "out" / "tiny"
+    assert train_exit(ka_mig_args(tiny_assets, tmp_path, 2), capsys)[0] == 0
+    before = fingerprint_of(tmp_path)
+    assert json.loads((run_dir / "inputs.json").read_text()) == before
+    assert torch.load(run_dir / "checkpoints" / "step_0000002.pt", weights_only=True)["inputs"] == before
+
+    # the graph folder rebuilt with another G_s: refused, naming that graph only
+    sim = graph_paths(tmp_path / "graphs")["sim"]
+    edge_index, edge_weight, _ = load_edge_graph(graph_paths(tmp_path / "graphs")["co"])
+    save_edge_graph(sim, edge_index, edge_weight, meta={"codebook_size": 32})
+    code, _, err = train_exit(ka_mig_args(tiny_assets, tmp_path, 4), capsys)
+    assert code == 2 and err[-1].startswith("error: cannot resume from") and "step_0000002.pt" in err[-1]
+    assert f"the graphs in {tmp_path / 'graphs'} (G_s {sim.name} (sha256 {before['graphs']['sim']['sha256'][:12]}" \
+        in err[-1] and "G_co" not in err[-1] and "token dataset" not in err[-1] and "--allow-input-change" in err[-1]
+    assert not list(run_dir.glob("*_resume_*.json")) and not (run_dir / "checkpoints" / "step_0000004.pt").exists()
+    shutil.rmtree(tmp_path / "graphs")
+    shutil.copytree(root / "graphs", tmp_path / "graphs")  # the graphs back as they were
+
+    # the token dataset replaced (fewer rows): refused, naming both arrays
+    shutil.rmtree(tmp_path / "tokens")
+    write_training_token_dir(tmp_path / "tokens", n=384)
+    code, _, err = train_exit(ka_mig_args(tiny_assets, tmp_path, 4), capsys)
+    assert code == 2 and f"the token dataset {tmp_path / 'tokens'} (labels.npy (sha256" in err[-1]
+    assert "tokens.npy (sha256" in err[-1] and "graphs in" not in err[-1]
+
+    # allowed by the flag: logged, and the new fingerprint recorded for the rest of the run
+    code, out, _ = train_exit(ka_mig_args(tiny_assets, tmp_path, 4, "--allow-input-change"), capsys)
+    after = fingerprint_of(tmp_path)
+    assert code == 0 and "warning: resuming on changed inputs" in out and "token dataset" in out
+    assert json.loads((run_dir / "inputs_resume_0000002.json").read_text()) == after != before
+    assert json.loads((run_dir / "inputs.json").read_text()) == before
+    assert torch.load(run_dir / "checkpoints" / "step_0000004.pt", weights_only=True)["inputs"] == after

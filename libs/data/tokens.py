@@ -26,6 +26,7 @@ from libs.checkpoint import file_sha256, require_file
 from libs.data.images import ImageFileDataset, collate_images, scan_image_folder
 from libs.distributed import Distributed
 from libs.errors import BadInput, MissingInput
+from libs.folder_lock import lock_folder
 from libs.models.factory import load_tokenizer
 
 FORMAT_VERSION = 1
@@ -373,10 +374,24 @@ def merge_chunks(out_dir: Path, n_chunks: int, fingerprint: str, items, meta: di
     return meta
 
 
-def extract_token_dataset(image_root, out_dir, tok_cfg, *, flip: bool, batch_size=64, workers=4, device="cpu",
-                          chunk_size=1024, overwrite=False, keep_partial=False, stop_after_chunks=0,
-                          dist: Distributed = None) -> dict:
-    """Tokenizes an ImageFolder tree into a token dataset at out_dir (resumable, shardable); returns meta."""
+def extract_token_dataset(image_root, out_dir, tok_cfg, *, dist: Distributed = None, **options) -> dict:
+    """Tokenizes an ImageFolder tree into a token dataset at out_dir (resumable, shardable); returns meta.
+
+    One process per out_dir: the main process holds the folder's lock (libs.folder_lock) for the whole run, so
+    a second extraction into it stops at once with FolderBusy naming the first one's pid. `options`: those
+    of `tokenize_into` (flip, batch_size, workers, device, chunk_size, overwrite, keep_partial, ...)."""
+    dist = dist or Distributed()
+    lock = lock_folder(out_dir, dist, "token dataset folder", "or choose another --out")
+    try:
+        return tokenize_into(image_root, out_dir, tok_cfg, dist=dist, **options)
+    finally:
+        lock.release()
+
+
+def tokenize_into(image_root, out_dir, tok_cfg, *, flip: bool, batch_size=64, workers=4, device="cpu",
+                  chunk_size=1024, overwrite=False, keep_partial=False, stop_after_chunks=0,
+                  dist: Distributed = None) -> dict:
+    """`extract_token_dataset` once out_dir is locked (call that instead)."""
     dist = dist or Distributed()
     out_dir = Path(out_dir)
     if tok_cfg.checkpoint:

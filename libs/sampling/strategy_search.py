@@ -50,6 +50,7 @@ from libs.cli import ArgumentParser, check_writable, run_main
 from libs.config import parse_args_with_config
 from libs.distributed import Distributed
 from libs.errors import BadInput
+from libs.folder_lock import FolderLock
 from libs.evaluation import metrics
 from libs.evaluation.fid_stats import extract_features, load_reference_stats
 from libs.evaluation.inception import CONVERTED_CACHE, FEATURE_DIM, load_feature_extractor
@@ -394,10 +395,13 @@ def main(argv=None):
         require_file(args.inception_weights)
     out = Path(args.out)
     dist = Distributed()
+    lock = FolderLock(out, "--out folder", "or choose another --out")
     try:
+        lock.acquire_on_main(dist)  # one search per --out (rank 0 holds the lock): a second one stops here
         dist.on_main(check_writable, out / LOG_FILE, out / BEST_FILE, out / RESULT_FILE)  # one rank probes
         return run(args, config, dist, checkpoint, pixels, start, out)
     finally:
+        lock.release()
         dist.close()
 
 

@@ -14,11 +14,14 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from libs.atomic_io import atomic_torch_save, atomic_write_json, atomic_write_text, clean_stale_temps
+from libs.atomic_io import append_lines, atomic_torch_save, atomic_write_json, atomic_write_text, clean_stale_temps
 from libs.checkpoint import load_state_dict_file, load_strict
 from libs.config import config_to_dict, flatten_config
+from libs.distributed import verdict_on_main
 from libs.errors import BadInput
+from libs.folder_lock import FolderLock
 from libs.models.factory import build_model
+from libs.training.inputs import input_changes
 from libs.training.objective import make_masked_batch, masked_token_loss
 
 # ----------------------------------------------------------------------------- model
@@ -149,36 +152,60 @@ def stored_config(config) -> dict:
 LOG_FILES = ("log.csv", "fid.csv")  # per-step logs of the run folder, cut back to the checkpoint on resume
 
 
-def _csv_text(fieldnames, rows) -> str:
+def _csv_text(fieldnames, rows, header=True) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fieldnames, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
+    if header:
+        writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
 
 
+def _log_text(path: Path) -> str:
+    """A log's text as stored (newlines untranslated)."""
+    with open(path, newline="") as f:
+        return f.read()
+
+
+def _csv_header(path: Path) -> list:
+    """The column names of a CSV log's first line; [] if the file holds no complete first line."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        line = f.readline()
+    return next(csv.reader([line])) if line.endswith("\n") else []
+
+
 def read_csv(path: Path):
-    """(fieldnames, rows) of a CSV log; rows that do not parse (a line cut by a crash) are dropped."""
+    """(fieldnames, rows) of a CSV log; rows that do not parse and a last line without its newline (a line cut
+    by a crash) are dropped."""
     if not path.is_file():
         return [], []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = list(reader.fieldnames or [])
-        rows = [r for r in reader if None not in r and None not in r.values()]
+    text = _log_text(path)
+    reader = csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1], newline=""))
+    fields = list(reader.fieldnames or [])
+    rows = [r for r in reader if None not in r and None not in r.values()]
     return fields, rows
 
 
 def append_csv(path: Path, row: dict):
-    """Adds one row to a CSV log (header on first write); the file is rewritten atomically, so a crash
-    never leaves a half-written line. A new column joins the header (older rows leave it empty)."""
+    """Adds one row to a CSV log: appended and flushed to disk (libs.atomic_io.append_lines), never rewriting
+    the rows already there, so a crash can cut at most this row (readers and the next append leave it out).
+    The first row writes the header too; a key the header lacks rewrites the file once, atomically, with the
+    new column (older rows leave it empty). One process appends to a run's logs (the run folder's lock)."""
     path = Path(path)
+    header = _csv_header(path)
+    if header and all(k in header for k in row):
+        append_lines(path, _csv_text(header, [row], header=False))
+        return
     fields, rows = read_csv(path)
     fields += [k for k in row if k not in fields]
     atomic_write_text(path, _csv_text(fields, rows + [{k: row.get(k, "") for k in fields}]))
 
 
 def truncate_csv(path: Path, max_step: int):
-    """Keeps the rows of a CSV log with step <= max_step (what a resume from that step will log again)."""
+    """Keeps the rows of a CSV log with step <= max_step (what a resume from that step will log again); the file
+    is replaced atomically, and only when its text changes (rows cut, or a line a crash left unfinished)."""
     path = Path(path)
     fields, rows = read_csv(path)
     if not fields:
@@ -192,8 +219,10 @@ def truncate_csv(path: Path, max_step: int):
             pass
     if not kept:
         path.unlink(missing_ok=True)
-    elif len(kept) != len(rows):
-        atomic_write_text(path, _csv_text(fields, kept))
+        return
+    text = _csv_text(fields, kept)
+    if text != _log_text(path):
+        atomic_write_text(path, text)
 
 
 def step_of(path: Path) -> int:
@@ -296,7 +325,11 @@ def enable_fp16_on_cpu(acc: Accelerator):
 class Trainer:
     """Runs `config.train` with accelerate (DDP, mixed precision), EMA, exact resume, rank-0 logging."""
 
-    def __init__(self, config, tokens, labels, graphs=None, model=None):
+    def __init__(self, config, tokens, labels, graphs=None, model=None, inputs=None, allow_input_change=False):
+        """`inputs`: a callable giving the fingerprint of what the run reads (libs.training.inputs.training_inputs;
+        called on the main process), stored in checkpoints and compared on resume; None records nothing.
+        `allow_input_change`: resume after the inputs changed (logged) instead of raising BadInput.
+        Raises FolderBusy when another process holds the run folder."""
         t = config.train
         self.config = config
         self.precision = t.mixed_precision
@@ -310,6 +343,11 @@ class Trainer:
         self.micro_batch = t.batch_size // per_step
         self.run_dir = Path(config.output_dir) / config.run_name
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # one process per run folder: the main process holds its lock until close() or its end
+        self.run_lock = FolderLock(self.run_dir, "run folder", "or start a new run with another --config.run_name")
+        self.run_lock.acquire_on_main(self)
+        self.inputs = self.on_main(inputs) if callable(inputs) else inputs
+        self.allow_input_change = allow_input_change
         self.tokens, self.labels = tokens, labels
         self.batches = StepBatches(len(tokens), t.batch_size, config.seed)
 
@@ -343,6 +381,15 @@ class Trainer:
         """The fp16 loss scaler (accelerate's on a GPU, GradScaler("cpu") on a CPU), else None."""
         return getattr(self.optimizer, "scaler", None)
 
+    def on_main(self, check):
+        """`check()` on the main process only; its return value, or its UserError, on every process."""
+        from accelerate.utils import broadcast_object_list
+        return verdict_on_main(check, self.accelerator.is_main_process, lambda obj: broadcast_object_list([obj])[0])
+
+    def close(self):
+        """Releases the run folder's lock (the end of the process releases it too)."""
+        self.run_lock.release()
+
     def log(self, msg):
         if self.accelerator.is_main_process:
             tqdm.write(msg)
@@ -354,6 +401,8 @@ class Trainer:
 
     def checkpoint_state(self):
         scaler = self.scaler
+        # the fingerprint of the token dataset and graphs, compared on resume (runs on in-memory data have none)
+        inputs = {"inputs": self.inputs} if self.inputs is not None else {}
         return {"model": self.trained_state(),
                 "ema": {n: v.cpu().clone() for n, v in self.ema.items()},
                 "optimizer": self.optimizer.state_dict(),
@@ -364,7 +413,7 @@ class Trainer:
                 "config": stored_config(self.config),
                 "trained_params": list(self.trained_names),
                 "rng": {"scheme": "every step reseeds from (seed, rank, step)", "seed": self.config.seed,
-                        "torch": torch.get_rng_state()}}
+                        "torch": torch.get_rng_state()}, **inputs}
 
     def load_state(self, state):
         missing = set(self.trained_names) - set(state["model"])
@@ -459,11 +508,34 @@ class Trainer:
             self.log(f"resuming on {self.world} processes (the checkpoint was written by {before}); the global "
                      f"batch is unchanged ({self.config.train.batch_size}), per-process randomness differs")
 
+    def check_resume_inputs(self, path, state):
+        """Compares the fingerprint of the token dataset and graphs the checkpoint was trained on with this run's:
+        a change raises BadInput naming what changed, or is logged as a warning with allow_input_change."""
+        if self.inputs is None:
+            return
+        if state.get("inputs") is None:
+            self.log(f"warning: {path} records no fingerprint of its token dataset and graphs (written by older "
+                     f"code); resuming without checking them")
+            return
+        changes = input_changes(state["inputs"], self.inputs, self.config)
+        if not changes:
+            return
+        if self.allow_input_change:
+            self.log(f"warning: resuming on changed inputs (allowed by --allow-input-change): {'; '.join(changes)}")
+            return
+        error = BadInput(f"cannot resume from {path}: what it was trained on changed since it was written: "
+                         f"{'; '.join(changes)}. Restore them, pass --allow-input-change to continue on the new "
+                         f"inputs (logged), or start a new run with another --config.run_name (or delete "
+                         f"{self.run_dir})")
+        error.reported_elsewhere = not self.accelerator.is_main_process  # one line for all processes
+        raise error
+
     def resume(self):
         """Loads the newest usable checkpoint after checking its config; returns the step resumed from."""
         path, state = self.find_checkpoint()
         if state is not None:
             self.check_resume_config(path, state)
+            self.check_resume_inputs(path, state)
             self.load_state(state)
             self.log(f"resumed from {path} (step {self.step})")
         return self.step
@@ -571,6 +643,9 @@ class Trainer:
             atomic_write_json(self.run_dir / name, config_to_dict(self.config))
             for log_file in LOG_FILES:
                 truncate_csv(self.run_dir / log_file, start_step)
+            if self.inputs is not None:
+                inputs_name = "inputs.json" if start_step == 0 else f"inputs_resume_{start_step:07d}.json"
+                atomic_write_json(self.run_dir / inputs_name, self.inputs)
         self.accelerator.wait_for_everyone()
 
     def append_log(self, row):
