@@ -79,8 +79,8 @@ def probability() -> Rule:
 
 def seed() -> Rule:
     """A seed every random generator of the code takes, with room for the offsets added to it."""
-    return integer(0, SEED_LIMIT, hi_open=True, also=" (seeds plus the small offsets the code adds must stay "
-                                                       "below 2**64, what torch.Generator.manual_seed takes)")
+    return Rule("an integer in [0, 2**63) (a seed plus the offsets the code adds must stay below 2**64, what "
+                "torch.Generator.manual_seed takes)", lambda v: _is_int(v) and 0 <= v < SEED_LIMIT)
 
 
 def boolean() -> Rule:
@@ -188,7 +188,7 @@ RULES = {
     "graph.dir": text(),
     "graph.recipe.max_images": integer(also=" (<= 0: every token map)"),
     "graph.recipe.seed": seed(),
-    "graph.recipe.neighbourhood": Rule(f"one of {', '.join(map(str, HALF_OFFSETS))}",
+    "graph.recipe.neighbourhood": Rule(f"one of {', '.join(map(str, sorted(HALF_OFFSETS)))}",
                                        lambda v: _is_int(v) and v in HALF_OFFSETS),
     "graph.recipe.co_ratio": number(0, 1, lo_open=True),
     "graph.recipe.sim_k": integer(1),
