@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from libs.atomic_io import append_lines, atomic_torch_save, atomic_write_json, atomic_write_text, clean_stale_temps
 from libs.checkpoint import load_state_dict_file, load_strict
+from libs.cli import check_writable
 from libs.config import config_to_dict, flatten_config
 from libs.distributed import verdict_on_main
 from libs.errors import BadInput
@@ -343,6 +344,9 @@ class Trainer:
         self.micro_batch = t.batch_size // per_step
         self.run_dir = Path(config.output_dir) / config.run_name
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # both folders take files (no file in the way, not read-only) before any step: else a blocked checkpoints/
+        # is found at the first checkpoint, its steps lost
+        self.on_main(lambda: check_writable(folders=[self.run_dir, self.ckpt_dir]))
         # one process per run folder: the main process holds its lock until close() or its end
         self.run_lock = FolderLock(self.run_dir, "run folder", "or start a new run with another --config.run_name")
         self.run_lock.acquire_on_main(self)
