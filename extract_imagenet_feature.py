@@ -14,8 +14,6 @@ import logging
 import os
 import sys
 
-import torch
-
 from libs.cli import ArgumentParser, check_writable, run_main
 from libs.config import parse_args_with_config
 from libs.data.tokens import PARTIAL_DIR, StopRequested, extract_token_dataset
@@ -63,9 +61,7 @@ def main(argv=None) -> int:
     dist = Distributed()
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, stream=sys.stderr,
                         format=f"[tokenize{f' rank {dist.rank}' if dist.world > 1 else ''}] %(message)s")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and dist.world > 1:
-        device = f"cuda:{dist.local_rank}"
+    device = dist.device(args.device)  # a bare cuda is cuda:<LOCAL_RANK>, the GPU of this rank on its node
     out = args.out or os.path.join("assets", "imagenet256_vq_features", args.split)
     flip = (args.split == "train") if args.flip is None else args.flip
     try:

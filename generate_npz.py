@@ -36,7 +36,7 @@ from libs.evaluation.fid_stats import compute_metrics, load_reference_stats
 from libs.evaluation.inception import CONVERTED_CACHE, FEATURE_DIM, load_feature_extractor
 from libs.models.factory import DEFAULT_CHECKPOINTS, load_tokenizer_and_model
 from libs.sampling.generation import (add_sampling_flags, check_inputs, class_labels, compile_token_model,
-                                      index_generators, pick_device, png_ok, sample_images, save_png, schedule_args,
+                                      index_generators, png_ok, sample_images, save_png, schedule_args,
                                       schedule_from_flags)
 from libs.sampling.provenance import claim_folder_all_ranks, input_files, sampling_fingerprint
 
@@ -103,10 +103,7 @@ def main(argv=None):
 
 def run(args, config, dist, checkpoint, pixels, paths):
     """Models, fingerprint check, this rank's batches; then rank 0 packs and evaluates."""
-    device = pick_device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
+    device = dist.device(args.device)  # a bare cuda is cuda:<LOCAL_RANK>, the GPU of this rank on its node
     sample_dir = paths["samples"]
     schedule = schedule_from_flags(config, args.schedule, args.steps, args.cfg, args.temp, **schedule_args(args))
     tokenizer, model = load_tokenizer_and_model(config, args.model, checkpoint, device,

@@ -7,6 +7,16 @@ import torch
 from libs.errors import UserError
 
 
+def rank_device(name, local_rank: int) -> torch.device:
+    """The device of this process: `name` ("cuda", "cuda:2", "cpu"; None: cuda when available, else cpu). A cuda
+    device without an index becomes cuda:<local_rank>: LOCAL_RANK numbers the processes of one node, as its GPUs
+    are numbered; RANK numbers them over all nodes and only decides who writes. An explicit index is kept."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
 class Distributed:
     """Rank/world from torchrun's env; barrier and rank-0 broadcast over gloo (no-ops for one process)."""
 
@@ -22,8 +32,16 @@ class Distributed:
 
     @property
     def is_main(self) -> bool:
-        """True on rank 0 (logs, merges)."""
+        """True on global rank 0 (RANK, over all nodes): the one process that writes shared files (logs, merges);
+        the other ranks write only files of their own (their samples, their token chunks)."""
         return self.rank == 0
+
+    def device(self, name=None) -> torch.device:
+        """This process's device (`rank_device` with LOCAL_RANK), made the current cuda device when it is one."""
+        device = rank_device(name, self.local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return device
 
     def barrier(self):
         """Waits for every rank."""

@@ -57,7 +57,7 @@ from libs.evaluation.inception import CONVERTED_CACHE, FEATURE_DIM, load_feature
 from libs.models.factory import DEFAULT_CHECKPOINTS, load_tokenizer_and_model
 from libs.sampling.decoding import Schedule, schedule_from_config
 from libs.sampling.generation import (add_sampling_flags, check_inputs, class_labels, compile_token_model,
-                                      index_generators, pick_device, sample_images, schedule_args,
+                                      index_generators, sample_images, schedule_args,
                                       schedule_from_flags)
 from libs.sampling.provenance import fingerprint_diff, labels_sha256, sampling_fingerprint
 
@@ -425,10 +425,7 @@ def search_settings(args, config, checkpoint, pixels, start, labels, device) -> 
 
 
 def run(args, config, dist, checkpoint, pixels, start, out):
-    device = pick_device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
+    device = dist.device(args.device)  # a bare cuda is cuda:<LOCAL_RANK>, the GPU of this rank on its node
     labels = class_labels(args.num, config.model.num_classes, args.labels, args.sample_seed)
     tokenizer, model = load_tokenizer_and_model(config, args.model, checkpoint, device, cpu_kernels=args.cpu_kernels)
     if args.compile:
