@@ -1,5 +1,5 @@
 """The official MaskGIT sampler: iterative parallel decoding with the cosine mask schedule
-(docs/reference.md#maskgit-sampler).
+(docs/reference.md#maskgit, "Sampler").
 
 Step t = start_iter .. T-1, from ids [B,L] whose unknown places hold [MASK] (n0 of them per sample at the start):
 
