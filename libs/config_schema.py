@@ -349,7 +349,10 @@ def _in_scope(key: str, only) -> bool:
 
 def _rule_violations(config, only, require, sources) -> tuple:
     """(violations, keys that are absent or break their own rule) of the per-key rules."""
-    found, bad = [], set()
+    found, bad, missing_blocks = [], set(), set()
+    if require and only is None and lookup(config, "schedule") is not MISSING and lookup(config, "sample") is MISSING:
+        found.append("this is a decoding strategy (schedule, ratios, ... at the top level), not a full config: give "
+                     "it to the sampling scripts with --strategy")
     for key, rule in RULES.items():
         if not _in_scope(key, only):
             continue
@@ -357,8 +360,15 @@ def _rule_violations(config, only, require, sources) -> tuple:
         if value is MISSING:
             bad.add(key)
             block = key.split(".")[0]
-            if require and rule.required and (block not in OPTIONAL_BLOCKS or lookup(config, block) is not MISSING):
-                found.append(violation(key, MISSING, rule.allowed, sources))
+            if not require or not rule.required or (block in OPTIONAL_BLOCKS and lookup(config, block) is MISSING):
+                continue
+            if "." in key and lookup(config, block) is MISSING:  # a whole block: named once
+                if block not in missing_blocks:
+                    missing_blocks.add(block)
+                    found.append(f"config.{block} is missing (a block of keys such as {key}; configs/ka_mig_l.py "
+                                 f"has every block)")
+                continue
+            found.append(violation(key, MISSING, rule.allowed, sources))
             continue
         errors = value_violations(key, value, rule, sources)
         found += errors

@@ -301,3 +301,11 @@ def test_docs_table_names_every_key():
     words = {w for t in re.findall(r"`([^`]+)`", doc) for w in re.split(r"[ ,/]", t)}
     assert [k for k in RULES if k not in words and k.split(".")[-1] not in words
             and not any(w.startswith("*") and k.endswith(w[1:]) for w in words)] == []
+
+
+def test_a_strategy_file_given_as_the_config_is_named_so():
+    with pytest.raises(BadInput) as e:
+        parse(config=STRATEGY)
+    message = str(e.value)
+    assert "this is a decoding strategy" in message and "--strategy" in message and "\n" not in message
+    assert "config.model is missing (a block" in message and message.count("config.model") == 1  # once per block
