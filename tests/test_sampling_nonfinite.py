@@ -11,7 +11,7 @@ import torch
 from libs.cli import run_main
 from libs.errors import NonFiniteValues
 from libs.evaluation.nll import masked_nll
-from libs.nonfinite import NonFiniteLogits, first_false
+from libs.nonfinite import NonFiniteLogits, all_finite, first_false
 from libs.sampling.decoding import generate, maskgit_schedule
 from libs.sampling.generation import sample_images
 from tests.helpers import REPO, tiny_backbone, tiny_vqgan
@@ -85,6 +85,19 @@ def test_sample_images_names_its_precision():
     with pytest.raises(NonFiniteLogits, match="step 1 of 3 under precision bf16; .*; try --precision fp32$"):
         sample_images(nan_head(tiny_backbone()), tiny_vqgan(), torch.arange(4), maskgit_schedule(3, 1.0),
                       torch.Generator().manual_seed(0), precision="bf16")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_equals_isfinite_all(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5, 7, generator=gen) * 100).to(dtype)
+    assert all_finite(x).item() and all_finite(x[:0]).item()
+    assert all_finite(torch.full((4, 3), torch.finfo(dtype).max, dtype=dtype)).item()  # largest finite values
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for _ in range(5):
+            y = x.clone()
+            y.view(-1)[int(torch.randint(0, y.numel(), (1,), generator=gen))] = value
+            assert all_finite(y).item() is False == torch.isfinite(y).all().item()
 
 
 def test_first_false_reads_flags_once():

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from libs.nonfinite import autocast_precision, raise_if_nonfinite
+from libs.nonfinite import all_finite, autocast_precision, raise_if_nonfinite
 
 RATIO_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 GUIDANCE_SCHEDULES = ("constant", "linear", "pow-cosine")  # maskgit schedule: how the guidance grows over steps
@@ -307,7 +307,7 @@ def generate(model: Callable, class_ids: torch.Tensor, schedule: Schedule, *, se
     finite = []  # per step a 0-d bool on the device: no host sync inside the loop
     for t in range(T):
         logits = guided_logits(model, ids, class_ids, schedule.guidance[t], null_class_id)  # [B,L,K]
-        finite.append(torch.isfinite(logits).all())
+        finite.append(all_finite(logits))
         is_masked = ids == mask_token_id
         temp = max(schedule.sample_temps[t], 1e-4)
         sampled = (logits / temp + gumbel(logits.shape, generator, device)).argmax(-1)  # Categorical
