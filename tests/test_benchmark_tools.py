@@ -1,0 +1,165 @@
+"""benchmarks.memory (peak memory estimated on fake tensors, largest-batch search) and benchmarks.gpu_acceptance
+(its refusal without a GPU, its checks run on tiny models on the CPU)."""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from benchmarks import gpu_acceptance, memory
+from libs.config import load_config_file
+from libs.errors import UserError
+from libs.models.factory import backbone_config
+from libs.models.autonat import AutoNAT
+from tests.helpers import REPO
+
+
+def tiny(mode="pretrain", precision="no"):
+    config = load_config_file(REPO / "configs" / "tiny.py")
+    config.train.mode, config.train.mixed_precision = mode, precision
+    return config
+
+
+def real_count(run, config, batch) -> int:
+    """Peak bytes of `run` on real CPU tensors, counted by PeakMemory (no rounding)."""
+    with memory.PeakMemory(round_to=1, fake=False) as mem:
+        run(memory.Place(torch.device("cpu")), config, batch)
+    return mem.peak
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fp16 on a CPU, fake tensors' data_ptr()
+        yield
+
+
+# ----------------------------------------------------------------------------- the tracker
+
+
+def test_peak_memory_counts_live_storages_exactly():
+    with FakeTensorMode(), memory.PeakMemory(round_to=1) as mem:
+        a = torch.empty(1000)  # 4000 bytes
+        b = a * 2  # 4000 more
+        view = b[10:].view(-1, 10)  # a view: no new storage
+        assert mem.current == 8000
+        del a
+        assert mem.current == 4000
+        c = torch.empty(10, dtype=torch.float16)  # 20 bytes
+        assert (mem.current, mem.peak) == (4020, 8000)
+        del b, view, c
+        assert mem.current == 0
+    with FakeTensorMode(), memory.PeakMemory(round_to=512) as mem:  # the CUDA allocator's blocks
+        x, y = torch.empty(10), torch.empty(129)  # 40 and 516 bytes
+        assert mem.current == 512 + 1024
+        del x, y
+
+
+def test_peak_memory_agrees_with_memtracker_on_a_training_step():
+    """torch's MemTracker runs this workload (every parameter trained, the model called once): same peak."""
+    with FakeTensorMode():
+        tracker = MemTracker()
+        with tracker, memory.PeakMemory(round_to=1) as mem:
+            memory.training(memory.Place(torch.device("cpu"), mem, cuda_like=False), tiny(), 8)
+    assert mem.peak > 0
+    assert tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] == mem.peak
+
+
+@pytest.mark.parametrize("workload, config", [
+    ("ka_mig_train", tiny("ka_mig", "fp16")),  # unique classes, boolean loss mask, loss scaler, AdamW steps
+    ("sample_bf16", tiny()),                     # FusionCache class cache, decoding, tokenizer decode
+    ("tokenize", tiny()),
+], ids=["ka_mig_train", "sample_bf16", "tokenize"])
+def test_estimate_on_fake_tensors_equals_a_real_run(workload, config):
+    """The estimate (fake tensors, real values only for the inputs) against the same workload on real tensors."""
+    run = memory.WORKLOADS[workload].run
+    estimate = memory.estimate(run, config, 8, round_to=1, cuda_like=False)
+    real = real_count(run, config, 8)
+    assert abs(estimate.peak - real) <= 0.005 * real, (estimate.peak, real)
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "ka_mig"])
+def test_training_estimate_exceeds_its_state_and_grows_with_the_batch(mode):
+    """Lower bound: parameters + gradients, AdamW's two moments and the EMA of the trained ones, all fp32."""
+    config = tiny(mode)
+    peaks = [memory.estimate(memory.training, config, b, round_to=1).peak for b in (1, 2, 4, 8)]
+    assert peaks == sorted(set(peaks))  # strictly increasing
+    model = AutoNAT(backbone_config(config.model))
+    n_all = sum(p.numel() for p in model.parameters())
+    n_trained = n_all if mode == "pretrain" else sum(p.numel() for p in model.mlm_layer.parameters())
+    if mode == "ka_mig":  # + the graph modules (trained) and their buffers
+        with FakeTensorMode(), memory.PeakMemory() as mem:
+            ka_mig = memory.token_network(memory.Place(torch.device("cpu"), mem), config, "ka_mig")
+        n_graph = sum(p.numel() for p in ka_mig.graph_layer.parameters())
+        n_all, n_trained = n_all + n_graph, n_trained + n_graph
+    assert peaks[0] >= 4 * n_all + (4 + 8 + 4) * n_trained
+
+
+# ----------------------------------------------------------------------------- largest batch
+
+
+def test_largest_batch_matches_a_brute_force_scan():
+    config = tiny()
+    peak_of = memory.memoised(lambda b: memory.estimate(memory.tokenizing, config, b).peak)
+    n = 24
+    peaks = [peak_of(b) for b in range(1, n + 1)]
+    assert peaks == sorted(peaks) and peaks[-1] > peaks[0]
+    budgets = [peaks[0] - 1, peaks[0], (peaks[4] + peaks[5]) // 2, peaks[11], peaks[-1] - 1, peaks[-1]]
+    for budget in budgets:
+        brute = max([b for b in range(1, n + 1) if peak_of(b) <= budget], default=0)
+        for guess in (1, 7, n):
+            assert memory.largest_batch(peak_of, budget, guess, limit=n) == brute, (budget, guess)
+
+
+def test_largest_batch_search_steps_on_a_known_function():
+    """Every branch of the bracket (up, down, to the limit, nothing fits) on peak(b) = 10 b (+5 past 60)."""
+    peak = lambda b: 10 * b + (5 if b > 60 else 0)  # noqa: E731
+    for budget, want in [(9, 0), (10, 1), (599, 59), (600, 60), (614, 60), (615, 61), (10 ** 9, 1000)]:
+        for guess, step in [(1, 1), (50, 1), (500, 1), (1000, 64), (3, 8)]:
+            assert memory.largest_batch(peak, budget, guess, step, limit=1000) == want, (budget, guess, step)
+
+
+# ----------------------------------------------------------------------------- GPU acceptance
+
+
+def test_gpu_acceptance_refuses_without_cuda(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_acceptance", "--out", str(tmp_path / "o")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "CUDA GPU" in lines[0], out.stderr
+    assert "--device cpu --tiny" in lines[0] and out.stdout == "" and not (tmp_path / "o").exists()
+    with pytest.raises(UserError, match="--tiny"):  # a CPU is for the self-test only
+        gpu_acceptance.main(["--device", "cpu", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_gpu_acceptance_self_test_on_tiny_models(tmp_path, monkeypatch):
+    """The whole run on the CPU (`--device cpu --tiny`); with a memory tolerance below zero every memory check must
+    fail and the run exit with status 1, while the other checks pass. torch.compile runs with the stance
+    force_eager here (inductor's C++ build would take most of a minute; compile_token_model against eager is
+    tests/test_precision.py's), so the compiled rows check this script's plumbing."""
+    monkeypatch.setattr(gpu_acceptance, "MEMORY_TOLERANCE", -1.0)
+    with torch.compiler.set_stance("force_eager"):
+        status = gpu_acceptance.main(["--device", "cpu", "--tiny", "--out", str(tmp_path)])
+    assert status == 1
+    result = json.loads((tmp_path / "gpu_acceptance.json").read_text())
+    rows = {r["check"]: r for r in result["rows"]}
+    memory_rows = [r for name, r in rows.items() if name.startswith("memory estimate")]
+    assert len(memory_rows) == 4 and not any(r["ok"] for r in memory_rows)
+    assert all(r["value"] <= 0.05 for r in memory_rows), memory_rows  # the estimates agree with the real runs
+    others = [r for name, r in rows.items() if not name.startswith("memory estimate")]
+    assert all(r["ok"] for r in others), [r for r in others if not r["ok"]]
+    names = " ".join(rows)
+    for part in ("cpu vs cpu, fp32: tokenizer decoded images", "bf16 vs fp32", "fp16 vs fp32", "compiled vs eager",
+                 "KA-MIG training: images/s", "steps skipped", "sampling AutoNAT, compiled",
+                 "sampling KA-MIG sampler (FusionCache), eager", "tokenizer encode", "tokenizer decode"):
+        assert part in names, part
+    markdown = (tmp_path / "gpu_acceptance.md").read_text()
+    assert markdown.startswith("SELF-TEST") and markdown.count("**FAIL**") == 4
