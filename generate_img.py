@@ -116,6 +116,7 @@ def main(argv=None):
         edit = check_edit_inputs(args, config)
         labels = np.full(args.per_class, edit["class"])
     pixels = check_inputs(args, config)
+    class_names = class_names_of(config) if edit is None else None  # the grid's captions, read before sampling
     check_writable(folders=[args.out])
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINTS[args.model]
     device = pick_device(args.device)
@@ -146,7 +147,7 @@ def main(argv=None):
                              args.precision, pixels=pixels)
 
     images = sample_into(names, labels, args.batch_size, device, sample_batch)
-    grid = labelled_grid(images, labels, class_names_of(config), columns=args.per_class)
+    grid = labelled_grid(images, labels, class_names, columns=args.per_class)
     atomic_write(run_dir / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
     print(f"wrote {len(images)} images and {run_dir / 'grid.png'}"
           f"{' (resumed: same fingerprint)' if status == 'resume' else ''}")

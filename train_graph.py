@@ -20,10 +20,10 @@ import sys
 from libs.cli import ArgumentParser, run_main
 from libs.config import parse_args_with_config
 from libs.config_schema import check_config
-from libs.data.tokens import load_tokens
+from libs.data.tokens import load_tokens_for_model
 from libs.errors import BadInput, MissingInput, UserError, one_line
 from libs.training.inputs import training_inputs
-from libs.training.periodic_fid import periodic_fid
+from libs.training.periodic_fid import check_periodic_fid_inputs, periodic_fid
 from libs.training.trainer import NonFiniteError, Trainer
 
 PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # accelerate's own variable; overrides train.mixed_precision
@@ -32,20 +32,7 @@ DIVERGED = 1  # exit status of a run stopped by a non-finite value
 
 def load_training_tokens(config):
     """(tokens [N,L], labels [N]) of config.data.path, checked against the model; MissingInput / BadInput."""
-    try:
-        tokens, labels, _ = load_tokens(config.data.path, codebook_size=config.model.codebook_size)
-    except UserError:
-        raise
-    except FileNotFoundError as e:
-        raise MissingInput(str(e)) from e
-    except ValueError as e:
-        raise BadInput(str(e)) from e
-    if tokens.shape[1] != config.model.seq_len:
-        raise BadInput(f"token dataset {config.data.path} has {tokens.shape[1]} tokens per image but the model "
-                       f"expects {config.model.seq_len} (config.model.seq_len)")
-    if len(labels) and int(labels.max()) >= config.model.num_classes:
-        raise BadInput(f"token dataset {config.data.path} has class id {int(labels.max())} but the model has "
-                       f"{config.model.num_classes} classes (config.model.num_classes)")
+    tokens, labels, _ = load_tokens_for_model(config.data.path, config.model)
     return tokens, labels
 
 
@@ -65,6 +52,8 @@ def main(argv=None):
                      sources={"train.mixed_precision": PRECISION_ENV})
         print(f"{PRECISION_ENV}={config.train.mixed_precision}: overrides config.train.mixed_precision")
     tokens, labels = load_training_tokens(config)
+    if config.train.fid_interval > 0:
+        check_periodic_fid_inputs(config)  # tokenizer and reference statistics, before the first step
     trainer = Trainer(config, tokens, labels, inputs=lambda: training_inputs(config),
                       allow_input_change=args.allow_input_change)
     eval_fn = periodic_fid if config.train.fid_interval > 0 else None

@@ -33,7 +33,7 @@ from libs.atomic_io import atomic_savez, atomic_write_json, atomic_write_text
 from libs.cli import ArgumentParser, run_main
 from libs.config import apply_override, parse_args_with_config, split_overrides
 from libs.data.images import list_image_folder, read_rgb
-from libs.data.tokens import load_tokens
+from libs.data.tokens import load_tokens_for_model
 from libs.errors import BadInput, MissingInput
 from libs.evaluation import metrics
 from libs.evaluation.nll import masked_nll, t_interval
@@ -81,7 +81,7 @@ def select_rows(n_total: int, n: int) -> np.ndarray:
 
 def heldout_tokens(path, config, n: int = 0):
     """(tokens int64 [N,L], labels [N], rows) of a token dataset, `n` evenly spread rows (0 = all)."""
-    tokens, labels, _ = load_tokens(path, codebook_size=config.model.codebook_size)
+    tokens, labels, _ = load_tokens_for_model(path, config.model, key="--tokens")
     rows = select_rows(len(labels), n)
     return np.asarray(tokens[rows]).astype(np.int64), np.asarray(labels[rows]).astype(np.int64), rows
 

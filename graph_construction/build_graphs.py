@@ -17,13 +17,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from libs.atomic_io import atomic_write_files
 from libs.cli import ArgumentParser, check_writable, run_main
 from libs.config import parse_args_with_config
-from libs.data.tokens import load_tokens
+from libs.data.tokens import dataset_sha256, load_tokens
 from libs.errors import BadInput, UserError
 from libs.folder_lock import FolderLock
 from libs.graphs import recipes as G
-from libs.graphs.files import GRAPH_FILES, sample_tokens, save_edge_graph, save_incompatibility, save_sample_tokens
+from libs.graphs.files import (GRAPH_FILES, GRAPH_TITLES, graph_paths, mixed_sources, read_meta, sample_tokens,
+                               save_edge_graph, save_incompatibility, save_sample_tokens)
 
 GRAPHS = tuple(GRAPH_FILES)  # co, sim, incompat
 RECIPE_FLAGS = ("max_images", "seed", "neighbourhood", "co_ratio", "sim_k", "sim_alpha", "sim_measure",
@@ -82,6 +84,30 @@ def bar(desc):
     return functools.partial(tqdm, desc=desc, unit="chunk", leave=False)
 
 
+def check_recipe(args, codebook_size=None):
+    """BadInput listing every recipe value the chosen graphs cannot use (libs.graphs.recipes.recipe_problems) and
+    every unusable size flag; with `codebook_size`, --sim-k is checked against it too. Runs before any counting."""
+    problems = [f"--{k.replace('_', '-')} / config.graph.recipe.{k} = {v!r} (allowed: {allowed})"
+                for k, v, allowed in G.recipe_problems(vars(args), args.graphs, codebook_size)]
+    for flag in ("codebook_size", "num_classes", "num_threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            problems.append(f"--{flag.replace('_', '-')} = {value} (allowed: an integer >= 1)")
+    if problems:
+        raise BadInput("unusable graph recipe: " + "; ".join(problems))
+
+
+def check_no_mix(out: Path, graphs, source: dict):
+    """BadInput when building only `graphs` into `out` would leave them next to graphs of another token dataset
+    (training and sampling refuse such a folder)."""
+    others = {n: read_meta(p) for n, p in graph_paths(out).items() if n not in graphs and p.is_file()}
+    for name, meta in others.items():
+        mixed = mixed_sources({graphs[0]: source, name: meta})  # [new graph, an old one kept]
+        if mixed:
+            raise BadInput(f"{out} holds {GRAPH_TITLES[name]} of another token dataset ({mixed}); building only "
+                           f"--graphs {','.join(graphs)} would mix the two: build all graphs, or choose another --out")
+
+
 def main(argv=None):
     """Parses the flags and builds the graphs holding the output folder's lock (one process per graph folder:
     a second build_graphs into it stops at once, FolderBusy naming the first one's pid); returns {name: path}."""
@@ -92,6 +118,7 @@ def main(argv=None):
 
 def build(args):
     """Loads the tokens, builds the chosen graphs and writes them with metadata; returns {name: path}."""
+    check_recipe(args)
 
     t0 = time.time()
     try:
@@ -103,6 +130,7 @@ def build(args):
     K, grid, L = int(meta["codebook_size"]), int(meta["grid"]), int(tokens.shape[1])
     if grid * grid != L:
         raise BadInput(f"{args.tokens}: rows of {L} ids do not form a {grid}x{grid} grid")
+    check_recipe(args, K)
     N = int(tokens.shape[0])
     maps = tokens.reshape(N, grid, grid)  # [N,h,w], a view (stays memory-mapped)
     num_classes = args.num_classes if args.num_classes is not None else meta.get("num_classes")
@@ -113,12 +141,14 @@ def build(args):
                        "classes can hold")
     out = Path(args.out)
     check_writable(folders=[out])  # before the counting, not after it
+    source = {"source_dataset": str(Path(args.tokens).resolve()), "source_sha256": dataset_sha256(args.tokens)}
+    check_no_mix(out, args.graphs, source)
     print(f"{N} token maps of {grid}x{grid} over {K} codes, {num_classes} classes from {args.tokens}")
 
     idx = G.sample_image_indices(N, args.max_images, args.seed)  # sorted rows for G_co / G_s
     sample = maps[idx] if len(idx) < N else maps  # [n,h,w]
     common = {
-        "source_dataset": str(Path(args.tokens).resolve()),
+        **source,
         "dataset_format": meta.get("format"),
         "tokenizer_sha256": meta.get("tokenizer_sha256"),
         "codebook_size": K, "grid": grid, "seq_len": L,
@@ -129,45 +159,53 @@ def build(args):
               "sample_indices_sha256": hashlib.sha256(idx.tobytes()).hexdigest()}
     written = {}
 
-    if "co" in args.graphs:
-        counts = G.co_occurrence_counts(sample, K, args.neighbourhood, num_threads=args.num_threads,
-                                        progress=bar("G_co counts"))  # [K,K]
-        ei, ew = G.co_occurrence_graph(counts, args.co_ratio)
-        recipe = {"graph": "co_occurrence", "neighbourhood": args.neighbourhood, "ratio": args.co_ratio,
-                  "top_k": "max(1, int(nnz_row * ratio)) by torch.topk (CPU) over the row's non-zero float32 "
-                           "counts in id order, ties as torch.topk keeps them", "self_loops": 1.0,
-                  "scaling": "1/sqrt(c_i*c_j), c = out-edges incl. self-loop"}
-        written["co"] = save_edge_graph(out / GRAPH_FILES['co'], ei, ew, {**common, **subset, "recipe": recipe})
-        print(f"G_co: {ew.shape[0]} edges -> {written['co']}")
+    def write_graphs(stage: Path):
+        """Every chosen graph into `stage`; they reach `out` together once all are written."""
+        if "co" in args.graphs:
+            counts = G.co_occurrence_counts(sample, K, args.neighbourhood, num_threads=args.num_threads,
+                                            progress=bar("G_co counts"))  # [K,K]
+            ei, ew = G.co_occurrence_graph(counts, args.co_ratio)
+            recipe = {"graph": "co_occurrence", "neighbourhood": args.neighbourhood, "ratio": args.co_ratio,
+                      "top_k": "max(1, int(nnz_row * ratio)) by torch.topk (CPU) over the row's non-zero float32 "
+                               "counts in id order, ties as torch.topk keeps them", "self_loops": 1.0,
+                      "scaling": "1/sqrt(c_i*c_j), c = out-edges incl. self-loop"}
+            save_edge_graph(stage / GRAPH_FILES['co'], ei, ew, {**common, **subset, "recipe": recipe})
+            written["co"] = out / GRAPH_FILES['co']
+            print(f"G_co: {ew.shape[0]} edges -> {written['co']}")
 
-    if "sim" in args.graphs:
-        hist = G.position_histograms(sample, K, num_threads=args.num_threads, progress=bar("G_s histograms"))
-        ei, ew = G.similarity_graph(hist, args.sim_k, args.sim_alpha, args.sim_measure,
-                                    frobenius_norm=args.sim_frobenius_norm, progress=bar("G_s Jensen-Shannon"))
-        recipe = {"graph": "similarity", "k": args.sim_k, "alpha": args.sim_alpha,
-                  "measure": f"Jensen-Shannon {args.sim_measure} (natural log)",
-                  "frobenius_norm": bool(args.sim_frobenius_norm),
-                  "normalisation": "row min-max, " + ("/ Frobenius norm, " if args.sim_frobenius_norm else "")
-                                   + "row softmax",
-                  "neighbours": "k smallest, ties -> smaller id",
-                  "self_loops": 1.0, "scaling": "1/sqrt(c_i*c_j), c = out-edges incl. self-loop"}
-        written["sim"] = save_edge_graph(out / GRAPH_FILES['sim'], ei, ew, {**common, **subset, "recipe": recipe})
-        print(f"G_s: {ew.shape[0]} edges -> {written['sim']}")
+        if "sim" in args.graphs:
+            hist = G.position_histograms(sample, K, num_threads=args.num_threads, progress=bar("G_s histograms"))
+            ei, ew = G.similarity_graph(hist, args.sim_k, args.sim_alpha, args.sim_measure,
+                                        frobenius_norm=args.sim_frobenius_norm, progress=bar("G_s Jensen-Shannon"))
+            recipe = {"graph": "similarity", "k": args.sim_k, "alpha": args.sim_alpha,
+                      "measure": f"Jensen-Shannon {args.sim_measure} (natural log)",
+                      "frobenius_norm": bool(args.sim_frobenius_norm),
+                      "normalisation": "row min-max, " + ("/ Frobenius norm, " if args.sim_frobenius_norm else "")
+                                       + "row softmax",
+                      "neighbours": "k smallest, ties -> smaller id",
+                      "self_loops": 1.0, "scaling": "1/sqrt(c_i*c_j), c = out-edges incl. self-loop"}
+            save_edge_graph(stage / GRAPH_FILES['sim'], ei, ew, {**common, **subset, "recipe": recipe})
+            written["sim"] = out / GRAPH_FILES['sim']
+            print(f"G_s: {ew.shape[0]} edges -> {written['sim']}")
 
-    if "incompat" in args.graphs:
-        packed = G.occurrence_bits(maps, labels, num_classes, K, num_threads=args.num_threads,
-                                   progress=bar("G_p occurrence"))  # [C,L,ceil(K/8)]
-        recipe = {"graph": "incompatibility", "maps": "all",
-                  "rows": "1/|I| on tokens I never seen at (class, position), 0 elsewhere",
-                  "storage": "np.packbits(occurs, axis=-1, bitorder='little'); null class (id C) = zeros"}
-        written["incompat"] = save_incompatibility(
-            out / GRAPH_FILES['incompat'], packed, {**common, "num_classes": num_classes, "num_maps_used": N, "recipe": recipe})
-        print(f"G_p: {packed.nbytes / 2 ** 20:.1f} MiB of bits -> {written['incompat']}")
+        if "incompat" in args.graphs:
+            packed = G.occurrence_bits(maps, labels, num_classes, K, num_threads=args.num_threads,
+                                       progress=bar("G_p occurrence"))  # [C,L,ceil(K/8)]
+            recipe = {"graph": "incompatibility", "maps": "all",
+                      "rows": "1/|I| on tokens I never seen at (class, position), 0 elsewhere",
+                      "storage": "np.packbits(occurs, axis=-1, bitorder='little'); null class (id C) = zeros"}
+            save_incompatibility(stage / GRAPH_FILES['incompat'], packed,
+                                 {**common, "num_classes": num_classes, "num_maps_used": N, "recipe": recipe})
+            written["incompat"] = out / GRAPH_FILES['incompat']
+            print(f"G_p: {packed.nbytes / 2 ** 20:.1f} MiB of bits -> {written['incompat']}")
 
-    if args.write_sample_tokens:
-        path = out / sample_file_name(len(idx))
-        written["sample_tokens"] = save_sample_tokens(path, sample_tokens(tokens, args.max_images, args.seed))
-        print(f"sample tokens: {len(idx)} maps -> {path}")
+        if args.write_sample_tokens:
+            name = sample_file_name(len(idx))
+            save_sample_tokens(stage / name, sample_tokens(tokens, args.max_images, args.seed))
+            written["sample_tokens"] = out / name
+            print(f"sample tokens: {len(idx)} maps -> {written['sample_tokens']}")
+
+    atomic_write_files(out, write_graphs)  # the graphs of one run replace the old ones together
     print(f"done in {time.time() - t0:.1f} s")
     return written
 

@@ -340,3 +340,30 @@ def _cut_unfinished_line(f, block: int = 1 << 16):
         keep = 0
     if keep != end:
         f.truncate(keep)
+
+
+def atomic_write_files(folder, write_fn) -> list:
+    """Calls write_fn(stage) on a fresh temp folder `.staging.<pid>.tmp` inside `folder`, then renames every file
+    it wrote into `folder` at once, in name order (so a file comes before its `<name>.json` sidecar); returns
+    their new paths. Nothing in `folder` changes until write_fn has written every file: an error (or a kill)
+    while writing leaves the old files as they were, and the stage is removed (a killed run's by the next).
+    Raises DiskFull on ENOSPC."""
+    folder = Path(folder)
+    stage = temp_path(folder / "staging")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(folder / "staging")
+        stage.mkdir()
+        write_fn(stage)
+        names = sorted(p.name for p in stage.iterdir() if p.is_file())
+        for name in names:  # renames only: microseconds for the whole set
+            os.replace(stage / name, folder / name)
+        _fsync_path(folder, directory=True)
+    except OSError as e:
+        if is_disk_full(e) and not isinstance(e, DiskFull):
+            raise disk_full(folder) from e
+        raise
+    finally:
+        if stage.exists():
+            _remove(stage)
+    return [folder / name for name in names]

@@ -85,11 +85,87 @@ def id_range(tokens: np.ndarray):
     return lo, hi
 
 
-def validate_tokens(tokens: np.ndarray, labels: np.ndarray, meta: dict, source="token dataset"):
-    """Checks shapes against meta, ids in [0, codebook_size) and labels in [0, num_classes)."""
+# meta.json keys that hold sizes: the smallest value each may take (absent or null: derived from the arrays)
+META_SIZES = {"format_version": 1, "codebook_size": 1, "grid": 1, "seq_len": 1, "num_classes": 1, "num_rows": 0,
+              "rows_per_image": 1}
+
+
+def _is_int(value) -> bool:
+    """True for a JSON integer (not a bool, a float or a string)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_meta(meta, source) -> dict:
+    """Returns `meta` (the parsed meta.json of a token dataset) if usable, else TokenDatasetError listing every
+    problem: not a JSON object, a size that is not an integer in range (META_SIZES), class_names that are not
+    strings or not num_classes of them."""
+    if not isinstance(meta, dict):
+        raise TokenDatasetError(f"{source}: holds a JSON {type(meta).__name__}, expected an object of sizes "
+                                f"(codebook_size, grid, num_classes, ...)")
+    problems = []
+    for key, low in META_SIZES.items():
+        value = meta.get(key)
+        if value is not None and (not _is_int(value) or value < low):
+            problems.append(f"{key} = {json.dumps(value)} (expected an integer >= {low})")
+    names = meta.get("class_names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            problems.append(f"class_names = {json.dumps(names)[:60]} (expected a list of strings)")
+        elif _is_int(meta.get("num_classes")) and len(names) != meta["num_classes"]:
+            problems.append(f"{len(names)} class_names for num_classes = {meta['num_classes']}")
+    if problems:
+        raise TokenDatasetError(f"{source}: " + "; ".join(problems))
+    return meta
+
+
+def read_token_meta(path) -> dict:
+    """The checked meta.json of the token dataset folder `path` (check_meta); TokenDatasetError when it does not
+    parse or is malformed, MissingTokenDatasetError when it is absent."""
+    meta_file = Path(path) / META_FILE
+    try:
+        text = meta_file.read_text()
+    except FileNotFoundError as e:
+        raise MissingTokenDatasetError(missing_dataset_message(path)) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenDatasetError(f"{meta_file}: unreadable ({type(e).__name__}: {e})") from e
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise TokenDatasetError(f"{meta_file}: not valid JSON ({e})") from e
+    return check_meta(meta, meta_file)
+
+
+def load_array(path: Path, what: str, mmap: bool) -> np.ndarray:
+    """An integer .npy array of a token dataset (memory-mapped with `mmap`); TokenDatasetError when the file is
+    absent, unreadable, not one array or not integers (float ids would be truncated silently)."""
+    if not path.is_file():
+        raise TokenDatasetError(f"{path}: missing: the token dataset is incomplete; rebuild it with {BUILD_HINT}")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # empty, truncated, pickled objects
+        raise TokenDatasetError(f"{path}: unreadable {what} ({type(e).__name__}: {e})") from e
+    if not isinstance(arr, np.ndarray):
+        arr.close()  # an .npz archive under an .npy name
+        raise TokenDatasetError(f"{path}: expected one .npy array of {what}, got an .npz archive")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TokenDatasetError(f"{path}: {what} are {arr.dtype}, expected integers (uint16 ids and int64 labels "
+                                f"as extract_imagenet_feature.py writes them)")
+    return arr
+
+
+def check_rows(tokens: np.ndarray, labels: np.ndarray, source):
+    """TokenDatasetError unless tokens are [N,L] and labels [N] with N >= 1."""
     if tokens.ndim != 2 or labels.ndim != 1:
         raise TokenDatasetError(f"{source}: expected tokens [N,L] and labels [N], got "
                                 f"{tuple(tokens.shape)} and {tuple(labels.shape)}")
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise TokenDatasetError(f"{source}: holds no token maps (tokens {tuple(tokens.shape)}); nothing to train "
+                                f"on or build graphs from")
+
+
+def validate_tokens(tokens: np.ndarray, labels: np.ndarray, meta: dict, source="token dataset"):
+    """Checks shapes against meta, ids in [0, codebook_size) and labels in [0, num_classes)."""
+    check_rows(tokens, labels, source)
     if tokens.shape[0] != labels.shape[0]:
         raise TokenDatasetError(f"{source}: {tokens.shape[0]} token rows but {labels.shape[0]} labels")
     if meta.get("num_rows") is not None and tokens.shape[0] != meta["num_rows"]:
@@ -109,12 +185,13 @@ def validate_tokens(tokens: np.ndarray, labels: np.ndarray, meta: dict, source="
 
 def load_paper_npy(path: Path, codebook_size=None, mmap=True, validate=True):
     """The paper's format: int64 .npy rows [label, L ids] -> (tokens [N,L] view, labels [N], derived meta)."""
-    arr = np.load(path, mmap_mode="r" if mmap else None)  # [N, 1+L]
-    if arr.ndim != 2 or arr.shape[1] < 2 or not np.issubdtype(arr.dtype, np.integer):
+    arr = load_array(path, "rows [label, ids]", mmap)  # [N, 1+L]
+    if arr.ndim != 2 or arr.shape[1] < 2:
         raise TokenDatasetError(f"{path}: expected an integer array [N, 1+L] of rows [label, ids], "
                                 f"got {arr.dtype} {tuple(arr.shape)}")
     tokens = arr[:, 1:]  # [N, L] (a strided view; stays memory-mapped)
     labels = np.ascontiguousarray(arr[:, 0], dtype=np.int64)  # [N]
+    check_rows(tokens, labels, path)
     seq_len = tokens.shape[1]
     grid = math.isqrt(seq_len)
     if grid * grid != seq_len:
@@ -130,11 +207,14 @@ def load_paper_npy(path: Path, codebook_size=None, mmap=True, validate=True):
     return tokens, labels, meta
 
 
-def load_tokens(path, codebook_size=None, mmap=True, validate=True):
-    """Token dataset dir or paper .npy -> (tokens [N,L] (memmap), labels [N] int64, meta dict).
+def load_tokens(path, codebook_size=None, mmap=True, validate=True, expected_from=""):
+    """Token dataset dir or paper .npy -> (tokens [N,L] integers (memmap), labels [N] integers, meta dict).
 
+    The one reader of token datasets: a malformed meta.json, a missing, unreadable, empty or non-integer
+    tokens.npy / labels.npy, a dataset without rows and (with `validate`) ids or labels out of range raise
+    TokenDatasetError (BadInput) naming the file; an absent dataset MissingTokenDatasetError.
     `codebook_size` (optional) is the size the caller's model expects: it must match the dataset's
-    (our format) or replaces the max-id-derived one (paper format).
+    (our format) or replaces the max-id-derived one (paper format); `expected_from` names where it comes from.
     """
     path = Path(path)
     if not path.exists():
@@ -150,25 +230,60 @@ def load_tokens(path, codebook_size=None, mmap=True, validate=True):
                     f"token dataset {path} is unfinished ({path / PARTIAL_DIR} holds partial results and "
                     f"there is no {META_FILE}); rerun the same extract_imagenet_feature.py command to resume")
             raise MissingTokenDatasetError(missing_dataset_message(path))
-        with open(path / META_FILE) as f:
-            meta = json.load(f)
-        if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        meta = read_token_meta(path)
+        if (meta.get("format_version") or FORMAT_VERSION) > FORMAT_VERSION:
             raise TokenDatasetError(f"{path}: format version {meta['format_version']} is newer than this code's "
                                     f"({FORMAT_VERSION}); update the repository")
-        mode = "r" if mmap else None
-        tokens = np.load(path / TOKENS_FILE, mmap_mode=mode)  # [N, L] uint16
-        labels = np.load(path / LABELS_FILE, mmap_mode=mode)  # [N] int64
-        meta.setdefault("seq_len", int(tokens.shape[1]) if tokens.ndim == 2 else None)
-        meta.setdefault("grid", math.isqrt(meta["seq_len"] or 0))
-        if "codebook_size" not in meta:  # hand-written meta.json: the caller's size, else max id + 1
+        tokens = load_array(path / TOKENS_FILE, "token ids", mmap)  # [N, L] uint16
+        labels = load_array(path / LABELS_FILE, "labels", mmap)  # [N] int64
+        check_rows(tokens, labels, path)
+        if meta.get("seq_len") is None:
+            meta["seq_len"] = int(tokens.shape[1])
+        if meta.get("grid") is None:
+            meta["grid"] = math.isqrt(meta["seq_len"])
+        if meta.get("codebook_size") is None:  # hand-written meta.json: the caller's size, else max id + 1
             hi = id_range(tokens)[1] if codebook_size is None else codebook_size - 1
-            meta["codebook_size"] = hi + 1 if hi is not None else 0
+            meta["codebook_size"] = hi + 1
         if codebook_size is not None and codebook_size != meta["codebook_size"]:
             raise TokenDatasetError(f"{path}: tokenized with a {meta['codebook_size']}-code tokenizer, "
-                                    f"but {codebook_size} codes were expected")
+                                    f"but {codebook_size} codes were expected"
+                                    + (f" ({expected_from})" if expected_from else ""))
     if validate:
         validate_tokens(tokens, labels, meta, source=str(path))
     return tokens, labels, meta
+
+
+def load_tokens_for_model(path, model_cfg, key="config.data.path"):
+    """load_tokens of `path`, checked against a config's `model` block: codebook, tokens per map (grid) and
+    classes must be the model's; BadInput naming both sides (MissingInput when `path` is empty or absent)."""
+    if not path:
+        raise MissingTokenDatasetError(f"no token dataset given: set {key}=<token dataset>")
+    tokens, labels, meta = load_tokens(path, codebook_size=model_cfg.codebook_size,
+                                       expected_from="config.model.codebook_size")
+    if tokens.shape[1] != model_cfg.seq_len:
+        raise TokenDatasetError(f"token dataset {path} has {tokens.shape[1]} tokens per image (grid "
+                                f"{meta['grid']}x{meta['grid']}) but the model expects {model_cfg.seq_len} "
+                                f"(config.model.seq_len)")
+    declared = meta.get("num_classes") if meta.get("format") != "paper-npy" else None  # paper: max label + 1
+    if declared is not None and declared != model_cfg.num_classes:
+        raise TokenDatasetError(f"token dataset {path} has {declared} classes (meta.json num_classes) but the "
+                                f"model has {model_cfg.num_classes} (config.model.num_classes)")
+    if int(labels.max()) >= model_cfg.num_classes:
+        raise TokenDatasetError(f"token dataset {path} has class id {int(labels.max())} but the model has "
+                                f"{model_cfg.num_classes} classes (config.model.num_classes)")
+    return tokens, labels, meta
+
+
+def dataset_sha256(path) -> str:
+    """sha256 of a token dataset's arrays (tokens.npy then labels.npy; a paper .npy: the file): its content's id,
+    whatever folder it sits in."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for name in (TOKENS_FILE, LABELS_FILE):
+        h.update(file_sha256(path / name).encode())
+    return h.hexdigest()
 
 
 def write_token_dataset(out_dir, tokens: np.ndarray, labels: np.ndarray, meta: dict):
@@ -246,8 +361,10 @@ def prepare_output(out_dir: Path, fingerprint: str, n_items: int, chunk_size: in
     """Rank 0: 'done' if out_dir already holds this dataset, else readies the partial dir -> 'run'."""
     meta_path, partial = out_dir / META_FILE, out_dir / PARTIAL_DIR
     if meta_path.is_file() and not overwrite:
-        with open(meta_path) as f:
-            old = json.load(f).get("fingerprint")
+        try:
+            old = read_token_meta(out_dir).get("fingerprint")
+        except TokenDatasetError:  # a damaged meta.json: some other dataset, kept unless --overwrite
+            old = None
         if old == fingerprint:
             return "done"
         raise TokenDatasetError(f"{out_dir} already holds a token dataset made from other files or another "

@@ -10,6 +10,7 @@ hold no memory addresses; the .npz has fixed zip timestamps; JSON keys are sorte
 """
 import collections
 import io
+import itertools
 import json
 import math
 import pickle
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from libs.atomic_io import atomic_savez, atomic_write, atomic_write_json
+from libs.checkpoint import file_sha256
 from libs.errors import BadInput, MissingInput
 from libs.graphs.recipes import dense_to_occurrence, sample_image_indices, unpack_occurrence
 
@@ -31,6 +33,7 @@ GRAPH_FILES = {
     "sim": "codebook_replace_graph_norm_self.pkl",     # G_s
     "incompat": "incompatibility.npz",                 # G_p (packed bits)
 }
+GRAPH_TITLES = {"co": "G_co", "sim": "G_s", "incompat": "G_p"}
 
 
 def graph_paths(graph_dir) -> dict:
@@ -151,7 +154,8 @@ def save_edge_graph(path, edge_index, edge_weight, meta: dict = None):
     atomic_write(path, write)
     meta = dict(meta or {})
     meta.setdefault("num_nodes", int(ei.max()) + 1 if ei.numel() else 0)
-    meta.update(num_edges=int(ei.shape[1]), weight_dtype=str(ew.dtype).replace("torch.", ""))
+    meta.update(num_edges=int(ei.shape[1]), weight_dtype=str(ew.dtype).replace("torch.", ""),
+                file_sha256=file_sha256(path))  # ties the sidecar to these very bytes
     write_json(meta_path(path), meta)
     return Path(path)
 
@@ -215,7 +219,7 @@ def save_incompatibility(path, packed, meta: dict = None):
     atomic_savez(path, {"packed": packed, "codebook_size": np.int64(K), "grid": np.asarray(side, np.int64),
                         "num_classes": np.int64(C), "meta": np.asarray(json.dumps(meta, sort_keys=True, default=str))},
                  compressed=True)
-    write_json(meta_path(path), meta)
+    write_json(meta_path(path), {**meta, "file_sha256": file_sha256(path)})  # the sidecar names these bytes
     return Path(path)
 
 
@@ -266,6 +270,89 @@ def load_incompatibility(path, num_classes: int = None) -> dict:
         packed, C = packed[:-1], num_classes  # drop the all-zero null class
     return dict(packed=torch.from_numpy(np.ascontiguousarray(packed)), codebook_size=K,
                 seq_len=int(packed.shape[1]), num_classes=C, meta=meta)
+
+
+# ----------------------------------------------------------------------------- graph folders
+
+def checked_meta(path) -> dict:
+    """The sidecar metadata of graph file `path` ({} without one), checked to describe this very file: BadInput
+    when the file's sha256 is not the one its sidecar recorded (the file was replaced, or a folder update was
+    cut short)."""
+    meta = read_meta(path)
+    recorded = meta.get("file_sha256")
+    if recorded is not None and recorded != file_sha256(path):
+        raise BadInput(f"{path} is not the file its sidecar {meta_path(path).name} describes (sha256 differs): "
+                       f"rebuild the graph folder ({BUILD_HINT.replace('it is built by ', '')}), or delete the "
+                       f"sidecar to use the file as it is")
+    return meta
+
+
+def describe_source(meta: dict) -> str:
+    """The token dataset a sidecar names: its path, and the first digits of its content hash when recorded."""
+    sha = meta.get("source_sha256")
+    return f"{meta.get('source_dataset', '?')}" + (f" (tokens sha256 {sha[:12]})" if sha else "")
+
+
+def same_source(a: dict, b: dict) -> bool:
+    """Whether two sidecars name the same token dataset: by content hash when both record one, else by path."""
+    if a.get("source_sha256") and b.get("source_sha256"):
+        return a["source_sha256"] == b["source_sha256"]
+    return a.get("source_dataset") == b.get("source_dataset")
+
+
+def mixed_sources(metas: dict):
+    """For {graph name: sidecar meta}, the first two graphs built from different token datasets, described in
+    words; None when every sidecar that names a dataset names the same one."""
+    named = [(n, m) for n, m in metas.items() if m.get("source_dataset") or m.get("source_sha256")]
+    for (n1, m1), (n2, m2) in itertools.combinations(named, 2):
+        if not same_source(m1, m2):
+            return (f"{GRAPH_TITLES[n1]} was built from {describe_source(m1)}, {GRAPH_TITLES[n2]} from "
+                    f"{describe_source(m2)}")
+    return None
+
+
+def check_sizes(path, meta: dict, codebook_size: int, seq_len: int):
+    """BadInput when a graph's metadata names another codebook size or token count than the model's."""
+    for key, want, cfg_key, what in (("codebook_size", codebook_size, "codebook_size", "codes"),
+                                     ("seq_len", seq_len, "seq_len", "tokens per image")):
+        have = meta.get(key)
+        if have is not None and want is not None and int(have) != int(want):
+            raise BadInput(f"{path} was built for {have} {what} but the model has {want} "
+                           f"(config.model.{cfg_key}); build the graphs from this model's tokens")
+
+
+def load_graph_folder(graph_dir, names, codebook_size: int, seq_len: int = None, num_classes: int = None) -> dict:
+    """The graphs `names` ('co', 'sim', 'incompat') of `graph_dir`, every one checked before use:
+    {'co' | 'sim': (edge_index [2,E], edge_weight [E] float32, num_nodes), 'incompat': packed uint8 [C,L,ceil(K/8)]}.
+
+    Raises MissingInput (a file absent) or BadInput: a file not the one its sidecar describes, sidecars naming
+    two different source token datasets (a mixed folder), or a codebook size, token count or class count other
+    than the model's (`codebook_size`, `seq_len`, `num_classes`), each naming the file and both sides.
+    """
+    paths = {n: p for n, p in graph_paths(graph_dir).items() if n in names}
+    for path in paths.values():
+        if not path.is_file():
+            raise missing_graph_error(path)
+    metas = {n: checked_meta(p) for n, p in paths.items()}
+    mixed = mixed_sources(metas)
+    if mixed:
+        raise BadInput(f"graph folder {graph_dir} mixes graphs of two token datasets: {mixed}; rebuild them "
+                       f"together: python -m graph_construction.build_graphs --tokens <dataset> --out {graph_dir}")
+    graphs = {}
+    for name, path in paths.items():
+        check_sizes(path, metas[name], codebook_size, seq_len)
+        if name == "incompat":
+            g = load_incompatibility(path, num_classes=num_classes)
+            check_sizes(path, g, codebook_size, seq_len)
+            graphs[name] = g["packed"]
+            continue
+        graph = load_edge_graph(path)
+        if graph[2] != codebook_size:
+            raise BadInput(f"{path} is a graph over {graph[2]} tokens (a {graph[2]}-code codebook) but the model "
+                           f"has {codebook_size} codes (config.model.codebook_size); build the graphs from this "
+                           f"model's tokens")
+        graphs[name] = graph
+    return graphs
 
 
 # ----------------------------------------------------------------------------- token samples

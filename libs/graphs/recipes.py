@@ -49,6 +49,38 @@ def check_ids(chunk: np.ndarray, codebook_size: int, name: str = "token maps"):
                          f"outside the codebook [0, {codebook_size})")
 
 
+# the recipe values each graph uses (config.graph.recipe keys); G_p uses all maps and no parameter
+RECIPE_KEYS = {"co": ("max_images", "seed", "neighbourhood", "co_ratio"),
+               "sim": ("max_images", "seed", "sim_k", "sim_alpha", "sim_measure", "sim_frobenius_norm"),
+               "incompat": ()}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return (_is_int(v) or isinstance(v, (float, np.floating))) and math.isfinite(v)
+
+
+def recipe_problems(recipe: dict, graphs=tuple(RECIPE_KEYS), codebook_size: int = None) -> list:
+    """[(key, value, what is allowed)] for each value of `recipe` that a graph in `graphs` uses and cannot use
+    (types, finite numbers, ranges; sim_k against the codebook when `codebook_size` is given); [] if all fit."""
+    rules = {
+        "max_images": (lambda v: v is None or _is_int(v), "an integer (<= 0: all maps)"),
+        "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "neighbourhood": (lambda v: _is_int(v) and v in HALF_OFFSETS, "4 or 8"),
+        "co_ratio": (lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "sim_k": (lambda v: _is_int(v) and v >= 1 and (codebook_size is None or v <= codebook_size - 1),
+                  "an integer in [1, K-1]" + (f" = [1, {codebook_size - 1}]" if codebook_size else "")),
+        "sim_alpha": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
+        "sim_measure": (lambda v: v in SIM_MEASURES, " or ".join(SIM_MEASURES)),
+        "sim_frobenius_norm": (lambda v: isinstance(v, (bool, np.bool_)), "true or false"),
+    }
+    keys = dict.fromkeys(k for g in graphs for k in RECIPE_KEYS[g])  # in order, once
+    return [(k, recipe.get(k), rules[k][1]) for k in keys if not rules[k][0](recipe.get(k))]
+
+
 def chunk_slices(n: int, chunk: int):
     """Consecutive slices of at most `chunk` items covering range(n)."""
     return [slice(s, min(s + chunk, n)) for s in range(0, n, max(1, chunk))]

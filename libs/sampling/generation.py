@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from libs.atomic_io import atomic_write
+from libs.data.tokens import META_FILE, read_token_meta
 from libs.devices import check_device
 from libs.errors import BadInput, UserError
 from libs.models.cpu_kernels import CPU_KERNELS
@@ -307,8 +308,14 @@ def schedule_args(args) -> dict:
 
 
 def class_names_of(config) -> list:
-    """Class names from the token dataset's meta.json when present (else None)."""
-    meta = Path(config.data.path) / "meta.json" if config.data.path else None
-    if meta is not None and meta.is_file():
-        return json.loads(meta.read_text()).get("class_names")
-    return None
+    """Class names from the token dataset's meta.json (config.data.path) when present, else None; read before any
+    sampling: BadInput when that meta.json is malformed (libs.data.tokens.read_token_meta) or names another
+    number of classes than the model's."""
+    if not config.data.path or not (Path(config.data.path) / META_FILE).is_file():
+        return None
+    names = read_token_meta(config.data.path).get("class_names")
+    if names is not None and len(names) != config.model.num_classes:
+        raise BadInput(f"{Path(config.data.path) / META_FILE} names {len(names)} classes but the model has "
+                       f"{config.model.num_classes} (config.model.num_classes): set --config.data.path to the "
+                       f"model's training token dataset")
+    return names

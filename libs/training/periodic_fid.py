@@ -7,8 +7,10 @@ import numpy as np
 import torch
 
 from libs.evaluation.fid_stats import compute_metrics, load_reference_stats
-from libs.evaluation.inception import load_feature_extractor
-from libs.models.factory import for_sampling
+from libs.checkpoint import require_file
+from libs.errors import BadInput
+from libs.evaluation.inception import FEATURE_DIM, load_feature_extractor
+from libs.models.factory import backbone_config, check_tokenizer_matches, for_sampling, tokenizer_config
 from libs.models.factory import load_tokenizer
 from libs.sampling.decoding import schedule_from_config
 from libs.sampling.generation import class_labels, index_generators, sample_images
@@ -23,6 +25,23 @@ def ema_model(trainer):
             if name in trainer.ema:
                 p.copy_(trainer.ema[name].to(p.dtype))
     return model
+
+
+def check_periodic_fid_inputs(config):
+    """What periodic FID (train.fid_interval > 0) will read, opened and checked before the first training step:
+    the tokenizer (a checkpoint is set, exists, loads strictly, and its codebook and grid are the model's) and
+    train.fid_ref_stats (keys, shapes, 2048-d, finite values). Raises BadInput / MissingInput naming the file."""
+    if not config.tokenizer.checkpoint:
+        raise BadInput("train.fid_interval > 0 decodes samples with the tokenizer: set "
+                       "--config.tokenizer.checkpoint=<file> (or --config.train.fid_interval=0)")
+    tok = tokenizer_config(config.tokenizer)
+    try:
+        check_tokenizer_matches(tok.codebook_size, tok.grid_size, backbone_config(config.model))
+    except ValueError as e:
+        raise BadInput(str(e)) from e
+    require_file(config.tokenizer.checkpoint)
+    load_tokenizer(config.tokenizer)  # strict: another architecture is refused now, not after the first interval
+    load_reference_stats(config.train.fid_ref_stats, dims=FEATURE_DIM)
 
 
 def periodic_fid(trainer, batch_size=50, seed=0, extractor=None):
