@@ -14,6 +14,7 @@ from configs import autonat_l
 def get_config():
     config = autonat_l.get_config()
     config.run_name = "maskgit"
+    config.backbone = "maskgit"  # libs.models.factory builds MaskGIT ('maskgit') or KAMaskGIT ('ka_maskgit')
 
     tok = config.tokenizer  # the same sizes as the MAGE tokenizer: the release's VQGAN
     tok.checkpoint = "assets/tokenizer_imagenet256.pth"

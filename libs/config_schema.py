@@ -13,6 +13,7 @@ from typing import Callable, Optional, Union
 from libs.errors import BadInput
 from libs.graphs.recipes import HALF_OFFSETS, SIM_MEASURES
 from libs.models.autonat import AutoNATConfig
+from libs.models.factory import BACKBONE_KINDS
 from libs.models.ka_mig import GNN_KINDS
 from libs.sampling.decoding import GUIDANCE_SCHEDULES, ORDERS, parse_guidance_steps
 from libs.sampling.generation import PIXELS, max_sample_seed
@@ -118,6 +119,7 @@ RULES = {
     "seed": seed(),
     "run_name": text(nonempty=True),
     "output_dir": text(),
+    "backbone": choice(*BACKBONE_KINDS, required=False),  # libs.models.factory: absent means 'autonat'
     # the VQGAN tokenizer (libs.models.vqgan.VQGANConfig)
     "tokenizer.channels": integer(1),
     "tokenizer.channel_mult": listing(integer(1), min_length=1),
@@ -128,13 +130,12 @@ RULES = {
     "tokenizer.norm_groups": integer(1),
     "tokenizer.dropout": number(0, 1, required=False),
     "tokenizer.checkpoint": text(),
-    # the AutoNAT backbone (libs.models.autonat.AutoNATConfig)
+    # the backbone (libs.models.autonat.AutoNATConfig; libs.models.maskgit.MaskGITConfig has the same keys)
     "model.codebook_size": integer(1),
     "model.seq_len": integer(1),
     "model.num_classes": integer(1),
     "model.embed_dim": integer(1),
-    "model.depth": Rule("an even integer >= 0 (depth/2 in-blocks, a mid-block, depth/2 out-blocks)",
-                        lambda v: _is_int(v) and v >= 0 and v % 2 == 0),
+    "model.depth": integer(0),  # even for AutoNAT: RELATIONS
     "model.num_heads": integer(1),
     "model.mlp_ratio": number(0, lo_open=True),
     "model.qkv_bias": boolean(),
@@ -269,6 +270,9 @@ def _is_square(n: int) -> bool:
 
 
 RELATIONS = (
+    Relation("model.depth", ("backbone",), lambda d, b: b == "maskgit" or d % 2 == 0,
+             lambda d, b: "an even integer >= 0 (depth/2 in-blocks, a mid-block, depth/2 out-blocks) unless "
+                          "config.backbone is 'maskgit' (any number of layers)", missing_ok=("backbone",)),
     Relation("model.num_heads", ("model.embed_dim",), lambda h, d: d % h == 0, "a divisor of config.model.embed_dim"),
     Relation("train.batch_size", ("train.grad_accum",), lambda b, a: b % a == 0,
              "a multiple of config.train.grad_accum (the global batch is split into that many micro-batches)"),

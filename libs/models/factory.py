@@ -1,17 +1,28 @@
-"""The one place that builds models from a config: the VQGAN tokenizer, bare AutoNAT, KA-MIG with its graphs.
+"""The one place that builds models from a config: the VQGAN tokenizer, the bare backbones (AutoNAT, MaskGIT) and
+their knowledge-augmented versions with the graphs (KA-MIG on AutoNAT, KA-MaskGIT).
+
+`config.backbone` ('autonat' when absent, or 'maskgit') names the backbone; a model kind is the backbone alone or
+with the graphs (BACKBONE_KINDS).
 
 Training (`libs.training.trainer`), sampling scripts and periodic evaluation all build through here.
 """
 from libs.checkpoint import load_state_dict_file, load_strict
-from libs.graphs.files import load_graph_folder
+from libs.graphs.files import graph_paths, load_edge_graph, load_incompatibility
 from libs.models.autonat import AutoNAT, AutoNATConfig
 from libs.models.cpu_kernels import apply_cpu_kernels
 from libs.models.fusion_cache import FusionCache
+from libs.models.ka_maskgit import KAMaskGIT
 from libs.models.ka_mig import KAMIG, GraphConfig
+from libs.models.knowledge import KnowledgeHost
+from libs.models.maskgit import MaskGIT, maskgit_config
 from libs.models.vqgan import VQGAN, VQGANConfig
 
-MODEL_KINDS = ("ka_mig", "autonat")
-DEFAULT_CHECKPOINTS = {"ka_mig": "assets/graph_nnet_ema.pth", "autonat": "assets/nnet_ema.pth"}
+MODEL_KINDS = ("ka_mig", "autonat", "ka_maskgit", "maskgit")
+GRAPH_KINDS = ("ka_mig", "ka_maskgit")  # the kinds that read config.graph and its graph files
+BACKBONE_KINDS = {"autonat": ("autonat", "ka_mig"), "maskgit": ("maskgit", "ka_maskgit")}  # (bare, with graphs)
+DEFAULT_CHECKPOINTS = {"ka_mig": "assets/graph_nnet_ema.pth", "autonat": "assets/nnet_ema.pth",
+                       "maskgit": "assets/maskgit_imagenet256.pth",  # python -m tools.convert_maskgit
+                       "ka_maskgit": "assets/ka_maskgit_ema.pth"}  # none released: train_graph.py's model_ema.pth
 
 
 def tokenizer_config(tok_cfg) -> VQGANConfig:
@@ -51,21 +62,55 @@ def graph_config(graph_cfg) -> GraphConfig:
 
 
 def load_graphs(config) -> dict:
-    """The graphs `config.graph` switches on, read from `config.graph.dir` and checked against `config.model`
-    (libs.graphs.files.load_graph_folder: one token dataset, the model's codebook, grid and classes), as tensors."""
-    g, m = config.graph, config.model
-    names = [n for n, on in (("co", g.use_co), ("sim", g.use_sim), ("incompat", g.use_incompat)) if on]
-    return load_graph_folder(g.dir, names, m.codebook_size, m.seq_len, m.num_classes)
+    """The graphs `config.graph` switches on, read from `config.graph.dir` (libs.graphs.files), as tensors."""
+    g, paths = config.graph, graph_paths(config.graph.dir)
+    graphs = {}
+    if g.use_co:
+        graphs["co"] = load_edge_graph(paths["co"])
+    if g.use_sim:
+        graphs["sim"] = load_edge_graph(paths["sim"])
+    if g.use_incompat:
+        graphs["incompat"] = load_incompatibility(paths["incompat"], num_classes=config.model.num_classes)["packed"]
+    return graphs
+
+
+def backbone_of(config) -> str:
+    """config.backbone: 'autonat' (also when the key is absent, as in configs written before MaskGIT) or 'maskgit'."""
+    name = config.get("backbone", "autonat")
+    if name not in BACKBONE_KINDS:
+        raise ValueError(f"unknown config.backbone='{name}' ({' or '.join(BACKBONE_KINDS)})")
+    return name
+
+
+def model_kind(config, graphs: bool) -> str:
+    """The kind of config's backbone: bare ('autonat', 'maskgit') or with the graphs ('ka_mig', 'ka_maskgit')."""
+    return BACKBONE_KINDS[backbone_of(config)][int(graphs)]
+
+
+def check_model_kind(config, kind: str):
+    """Raises ValueError for an unknown kind, or one of another backbone than config.backbone's."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind '{kind}' ({', '.join(MODEL_KINDS)})")
+    backbone = backbone_of(config)
+    if kind not in BACKBONE_KINDS[backbone]:
+        raise ValueError(f"model '{kind}' is not built on config.backbone='{backbone}' (use "
+                         f"{' or '.join(BACKBONE_KINDS[backbone])}, or a config of the other backbone: "
+                         f"configs/ka_mig_l.py for autonat, configs/ka_maskgit.py for maskgit)")
 
 
 def build_model(config, kind: str, graphs: dict = None):
-    """A freshly initialised AutoNAT ('autonat') or KAMIG ('ka_mig', graphs loaded when not given)."""
+    """A freshly initialised AutoNAT ('autonat'), KAMIG ('ka_mig'), MaskGIT ('maskgit') or KAMaskGIT ('ka_maskgit');
+    the graphs are loaded from config.graph.dir when not given. ValueError for a kind config.backbone does not
+    build (check_model_kind)."""
+    check_model_kind(config, kind)
     if kind == "autonat":
         return AutoNAT(backbone_config(config.model))
+    if kind == "maskgit":
+        return MaskGIT(maskgit_config(config.model))
+    graphs = load_graphs(config) if graphs is None else graphs
     if kind == "ka_mig":
-        return KAMIG(backbone_config(config.model), graph_config(config.graph),
-                     load_graphs(config) if graphs is None else graphs)
-    raise ValueError(f"unknown model kind '{kind}' ({' or '.join(MODEL_KINDS)})")
+        return KAMIG(backbone_config(config.model), graph_config(config.graph), graphs)
+    return KAMaskGIT(maskgit_config(config.model), graph_config(config.graph), graphs)
 
 
 def load_model(config, kind: str = "ka_mig", checkpoint=None, device="cpu", graphs: dict = None,
@@ -83,8 +128,8 @@ def load_model(config, kind: str = "ka_mig", checkpoint=None, device="cpu", grap
 
 
 def for_sampling(model):
-    """What the sampler calls: a FusionCache over a KA-MIG model (weight-only terms once), else the model."""
-    return FusionCache(model) if isinstance(model, KAMIG) else model
+    """What the sampler calls: a FusionCache over a model with graphs (weight-only terms once), else the model."""
+    return FusionCache(model) if isinstance(model, KnowledgeHost) else model
 
 
 def load_tokenizer_and_model(config, kind, checkpoint=None, device="cpu", graphs=None, cpu_kernels="default"):

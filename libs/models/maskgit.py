@@ -121,15 +121,25 @@ class MaskGIT(nn.Module):
     def config_dict(self) -> dict:
         return asdict(self.cfg)
 
+    @property
+    def blocks(self):
+        """The layers in forward order (what --compile compiles, one injection point each under KA)."""
+        return list(self.layers)
+
     def class_tokens(self, class_ids):
         """class_ids [B] in [0, C] -> ids [B,1] of the class position (label + K; the null class C -> [MASK])."""
         return (class_ids.view(-1, 1) + self.cfg.codebook_size).long()
 
-    def forward_tokens(self, tokens):
-        """tokens [B,L+1] (class token first; -1 or V-1 for [MASK]) -> logits [B,L+1,V], the official output."""
+    def forward_tokens(self, tokens, inject=None):
+        """tokens [B,L+1] (class token first; -1 or V-1 for [MASK]) -> logits [B,L+1,V], the official output.
+
+        `inject(j, x) -> x` (if given) updates the hidden state x [B,L+1,dim] before layer j (KAMaskGIT).
+        """
         tokens = torch.where(tokens < 0, tokens + self.cfg.vocab_size, tokens)  # -1 -> V-1, as the Flax lookup
         x = self.embed(tokens)
-        for layer in self.layers:
+        for j, layer in enumerate(self.layers):
+            if inject is not None:
+                x = inject(j, x)
             if self.cfg.use_checkpoint and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, use_reentrant=False)
             else:

@@ -12,8 +12,8 @@ from libs.data.tokens import META_FILE, read_token_meta
 from libs.devices import check_device
 from libs.errors import BadInput, UserError
 from libs.models.cpu_kernels import CPU_KERNELS
-from libs.models.factory import (DEFAULT_CHECKPOINTS, MODEL_KINDS, backbone_config, check_tokenizer_matches,
-                                  tokenizer_config)
+from libs.models.factory import (DEFAULT_CHECKPOINTS, MODEL_KINDS, backbone_config, check_model_kind,
+                                  check_tokenizer_matches, model_kind, tokenizer_config)
 from libs.sampling.decoding import GUIDANCE_SCHEDULES, ORDERS, generate, schedule_from_config
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -223,11 +223,17 @@ def schedule_from_flags(config, schedule=None, steps=None, cfg_scale=None, temp=
 def check_inputs(args, config, sample_seeds: dict = None) -> str:
     """Flag and config checks shared by the sampling scripts, before any model is built; returns config.sample.pixels.
 
-    Resolves `args.cpu_kernels` (None: 'onednn', or 'default' with --compile). Bad values (batch size, --device,
-    sample seeds (`sample_seeds`: flag -> seed, default {'--seed': args.seed}, each for `args.num` samples or
-    MAX_SAMPLES), pixel mode, --compile with oneDNN kernels, no tokenizer checkpoint, a tokenizer that does not fit
-    the backbone) raise BadInput.
+    Resolves `args.model` (None: the config's backbone with its graphs, 'ka_mig' or 'ka_maskgit') and
+    `args.cpu_kernels` (None: 'onednn', or 'default' with --compile). Bad values (a --model of another backbone
+    than config.backbone, batch size, --device, sample seeds (`sample_seeds`: flag -> seed, default
+    {'--seed': args.seed}, each for `args.num` samples or MAX_SAMPLES), pixel mode, --compile with oneDNN kernels,
+    no tokenizer checkpoint, a tokenizer that does not fit the backbone) raise BadInput.
     """
+    try:
+        args.model = args.model or model_kind(config, graphs=True)
+        check_model_kind(config, args.model)
+    except ValueError as e:
+        raise BadInput(f"--model: {e}") from e
     if args.batch_size < 1:
         raise BadInput(f"--batch-size must be at least 1, got {args.batch_size}")
     for flag, seed in (sample_seeds or {"--seed": args.seed}).items():
@@ -257,11 +263,12 @@ def add_sampling_flags(parser, helps=None):
     def add(flag, **kwargs):
         parser.add_argument(flag, **{**kwargs, **({"help": helps[flag]} if flag in helps else {})})
 
-    add("--model", choices=MODEL_KINDS, default="ka_mig",
-        help="KA-MIG (graph_nnet_ema.pth) or the bare AutoNAT backbone (nnet_ema.pth)")
+    add("--model", choices=MODEL_KINDS, default=None,
+        help="ka_mig (KA-MIG, graph_nnet_ema.pth) or autonat (the bare AutoNAT backbone, nnet_ema.pth) with an "
+             "AutoNAT config; ka_maskgit or maskgit (the bare MaskGIT) with a MaskGIT config "
+             "(config.backbone='maskgit', configs/ka_maskgit.py); default: the config's model with the graphs")
     add("--checkpoint", default=None,
-        help=f"weights (default {DEFAULT_CHECKPOINTS['ka_mig']} or {DEFAULT_CHECKPOINTS['autonat']} "
-             "by --model)")
+        help="weights (default by --model: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_CHECKPOINTS.items()) + ")")
     add("--schedule", choices=["autonat", "maskgit"], default=None,
         help="decoding schedule (default: the config's AutoNAT T=8 strategy)")
     add("--strategy", default=None,

@@ -32,6 +32,7 @@ from libs.checkpoint import file_sha256
 from libs.config import config_to_dict, flatten_config
 from libs.errors import BadInput
 from libs.graphs.files import graph_paths
+from libs.models.factory import GRAPH_KINDS
 
 SAMPLER_VERSION = 1  # bump when the arithmetic from (weights, settings) to pixels changes
 FINGERPRINT_FILE = "fingerprint.json"
@@ -77,13 +78,13 @@ def sampling_fingerprint(config, *, kind: str, checkpoint, schedule, seed: int, 
 
     `compile` (torch.compile of the token model) is recorded only when on (`"compile": true`)."""
     graphs = None
-    if kind == "ka_mig":
+    if kind in GRAPH_KINDS:
         paths = graph_paths(config.graph.dir)
         used = {"co": config.graph.use_co, "sim": config.graph.use_sim, "incompat": config.graph.use_incompat}
         graphs = {name: file_sha256(paths[name]) for name, on in used.items() if on}
     tokenizer_cfg = {k: v for k, v in config_to_dict(config.tokenizer).items() if k != "checkpoint"}
     graph_cfg = None
-    if kind == "ka_mig":
+    if kind in GRAPH_KINDS:
         graph_cfg = {k: config.graph[k] for k in ("use_co", "use_sim", "use_incompat", "gcn_layers")}
     fingerprint = {
         "sampler_version": SAMPLER_VERSION,
@@ -111,7 +112,7 @@ def sampling_fingerprint(config, *, kind: str, checkpoint, schedule, seed: int, 
 def input_files(config, kind: str, checkpoint) -> dict:
     """Where the hashed inputs were read from (recorded beside the fingerprint, never compared)."""
     files = {"checkpoint": str(checkpoint), "tokenizer": str(config.tokenizer.checkpoint)}
-    if kind == "ka_mig":
+    if kind in GRAPH_KINDS:
         files["graph_dir"] = str(config.graph.dir)
     return files
 
