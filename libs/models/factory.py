@@ -7,7 +7,7 @@ with the graphs (BACKBONE_KINDS).
 Training (`libs.training.trainer`), sampling scripts and periodic evaluation all build through here.
 """
 from libs.checkpoint import load_state_dict_file, load_strict
-from libs.graphs.files import graph_paths, load_edge_graph, load_incompatibility
+from libs.graphs.files import load_graph_folder
 from libs.models.autonat import AutoNAT, AutoNATConfig
 from libs.models.cpu_kernels import apply_cpu_kernels
 from libs.models.fusion_cache import FusionCache
@@ -62,16 +62,11 @@ def graph_config(graph_cfg) -> GraphConfig:
 
 
 def load_graphs(config) -> dict:
-    """The graphs `config.graph` switches on, read from `config.graph.dir` (libs.graphs.files), as tensors."""
-    g, paths = config.graph, graph_paths(config.graph.dir)
-    graphs = {}
-    if g.use_co:
-        graphs["co"] = load_edge_graph(paths["co"])
-    if g.use_sim:
-        graphs["sim"] = load_edge_graph(paths["sim"])
-    if g.use_incompat:
-        graphs["incompat"] = load_incompatibility(paths["incompat"], num_classes=config.model.num_classes)["packed"]
-    return graphs
+    """The graphs `config.graph` switches on, read from `config.graph.dir` and checked against `config.model`
+    (libs.graphs.files.load_graph_folder: one token dataset, the model's codebook, grid and classes), as tensors."""
+    g, m = config.graph, config.model
+    names = [n for n, on in (("co", g.use_co), ("sim", g.use_sim), ("incompat", g.use_incompat)) if on]
+    return load_graph_folder(g.dir, names, m.codebook_size, m.seq_len, m.num_classes)
 
 
 def backbone_of(config) -> str:
