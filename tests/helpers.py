@@ -254,3 +254,35 @@ def reference_forward(model: KAMIG, ids, class_ids):
         return h if term is None else h + term
 
     return model.head(model.forward_blocks(model.embed(ids, class_ids), inject))
+
+
+# ----------------------------------------------------------------------------- decoding options
+
+
+def token_model(kind: str, graph_cfg=None):
+    """A tiny token model on the CPU: the bare backbone ('autonat'), or KA-MIG ('ka_mig') with non-zero fusion."""
+    if kind == "autonat":
+        return tiny_backbone()
+    model, _ = tiny_ka_mig(graph_cfg)
+    randomise_fusion(model)
+    return model
+
+
+def decoding_options() -> dict:
+    """name -> Schedule: every schedule / order / guidance option of the samplers (maskgit at T = 4, the AutoNAT
+    T = 8 strategy of configs/ka_mig_l.py)."""
+    import dataclasses
+    from configs import ka_mig_l
+    from libs.sampling.decoding import maskgit_schedule, parse_guidance_steps, restrict_guidance, schedule_from_config
+    autonat = schedule_from_config(ka_mig_l.get_config().sample)
+    maskgit = maskgit_schedule(4, 2.0)
+    keep = parse_guidance_steps("1-2", 4)
+    return {
+        "autonat": autonat,
+        "autonat-halton": dataclasses.replace(autonat, order="halton"),
+        "maskgit-linear": maskgit,
+        "maskgit-constant": maskgit_schedule(4, 2.0, guidance_schedule="constant"),
+        "maskgit-pow-cosine": maskgit_schedule(4, 2.0, guidance_schedule="pow-cosine", guidance_power=2.0),
+        "maskgit-halton": dataclasses.replace(maskgit, order="halton"),
+        "maskgit-guidance-steps": dataclasses.replace(maskgit, guidance=restrict_guidance(maskgit.guidance, keep)),
+    }

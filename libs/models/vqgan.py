@@ -194,7 +194,8 @@ class VQGAN(nn.Module):
         if ids.dim() == 2:
             side = int(round(ids.shape[1] ** 0.5))
             ids = ids.view(ids.shape[0], side, side)
-        if int(ids.min()) < 0 or int(ids.max()) >= self.codebook_size:
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host read (a GPU sync) per batch
+        if lo < 0 or hi >= self.codebook_size:
             raise ValueError(f"token ids must lie in [0,{self.codebook_size}); got range "
-                             f"[{int(ids.min())},{int(ids.max())}] (a [MASK] id left in the sequence?)")
+                             f"[{lo},{hi}] (a [MASK] id left in the sequence?)")
         return self.decoder(self.quantize.lookup(ids)).clamp(0.0, 1.0)

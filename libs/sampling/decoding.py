@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
+import numpy as np
 import torch
 
 from libs.nonfinite import all_finite, autocast_precision, raise_if_nonfinite
@@ -175,7 +176,8 @@ def gumbel(shape, generator, device):
 def scaled_counts(n, ratio: float, dtype: str = "float64") -> torch.Tensor:
     """floor(n * ratio) per entry of the int tensor `n`, both factors and the product in `dtype`."""
     dt = RATIO_DTYPES[dtype]
-    return torch.floor(n.to(dt) * torch.tensor(ratio, dtype=dt, device=n.device)).long()
+    # torch.full fills on the device; torch.tensor(ratio, device=...) would copy from the host (a GPU sync)
+    return torch.floor(n.to(dt) * torch.full((), ratio, dtype=dt, device=n.device)).long()
 
 
 def remask_count(seq_len: int, ratio: float, dtype: str = "float64") -> int:
@@ -192,12 +194,25 @@ def remask_counts(n_unknown, n_masked, ratio: float, dtype: str = "float64") -> 
     return torch.where(n_unknown > 0, counts, torch.zeros_like(counts))
 
 
-def remask_lowest(sampled, score, counts, mask_token_id: int):
+def host_remask_counts(n_unknown: np.ndarray, n_masked: np.ndarray, ratio: float,
+                       dtype: str = "float64") -> np.ndarray:
+    """remask_counts on the host: int arrays [B] in, int64 [B] out, with the same float arithmetic (one IEEE
+    product in `dtype`, then floor), so it equals the device counts without reading them back."""
+    dt = np.dtype(dtype).type
+    scaled = np.floor(np.asarray(n_unknown).astype(dt) * dt(ratio)).astype(np.int64)
+    counts = np.maximum(np.minimum(np.asarray(n_masked) - 1, scaled), 1)
+    return np.where(np.asarray(n_unknown) > 0, counts, 0).astype(np.int64)
+
+
+def remask_lowest(sampled, score, counts, mask_token_id: int, n_max: Optional[int] = None):
     """sampled [B,L] with the counts[i] lowest-`score` places of row i set to [MASK] (counts may differ by row).
 
-    Equal counts reduce to one topk(n) per row, the arithmetic of decoding from all-[MASK].
+    Equal counts reduce to one topk(n) per row, the arithmetic of decoding from all-[MASK]. `n_max` is
+    max(counts) when the caller knows it on the host (then counts are never read back: no GPU sync); without
+    it the maximum is read from `counts`.
     """
-    n_max = int(counts.max()) if counts.numel() else 0
+    if n_max is None:
+        n_max = int(counts.max()) if counts.numel() else 0
     lowest = score.topk(n_max, dim=-1, largest=False).indices  # [B,n_max], lowest first
     keep = torch.arange(n_max, device=score.device)[None] < counts[:, None]  # [B,n_max]
     remask = torch.zeros_like(sampled, dtype=torch.bool).scatter(1, lowest, keep)
@@ -247,11 +262,30 @@ def halton_priority(seq_len: int, device) -> torch.Tensor:
 # ----------------------------------------------------------------------------- decoding
 
 
+_LAST_GUIDANCE_CLASSES = [None]  # (class_ids, its version, null id, [2B] ids) of the last guidance_classes call
+
+
+def guidance_classes(class_ids, null_class_id: int):
+    """Class ids [2B] of the batched [cond; uncond] forward: class_ids [B], then B null classes.
+
+    The same tensor object comes back while the same, unchanged `class_ids` object is passed (the steps of
+    one decoding run), so a model can keep per-class terms across steps without reading the ids back.
+    """
+    if class_ids.is_inference():  # inference tensors keep no version counter: nothing to remember them by
+        return torch.cat([class_ids, torch.full_like(class_ids, null_class_id)])
+    last = _LAST_GUIDANCE_CLASSES[0]
+    if last is not None and last[0] is class_ids and last[1] == class_ids._version and last[2] == null_class_id:
+        return last[3]
+    both = torch.cat([class_ids, torch.full_like(class_ids, null_class_id)])
+    _LAST_GUIDANCE_CLASSES[0] = (class_ids, class_ids._version, null_class_id, both)
+    return both
+
+
 def guided_logits(model: Callable, ids, class_ids, scale: float, null_class_id: int):
     """cond + scale * (cond - uncond), with [cond; uncond] in one batched forward."""
     B = ids.shape[0]
     both_ids = torch.cat([ids, ids])
-    both_cls = torch.cat([class_ids, torch.full_like(class_ids, null_class_id)])
+    both_cls = guidance_classes(class_ids, null_class_id)  # [2B]
     logits = model(both_ids, both_cls).float()
     cond, uncond = logits[:B], logits[B:]
     return cond + scale * (cond - uncond)
@@ -303,6 +337,13 @@ def generate(model: Callable, class_ids: torch.Tensor, schedule: Schedule, *, se
     ids = initial_ids(B, seq_len, mask_token_id, device, init_ids, known)
     n_unknown = (ids == mask_token_id).sum(1)  # [B]
     priority = halton_priority(seq_len, device) if schedule.order == "halton" else None  # [L]
+    # Host reads happen here, before the steps, never inside them: the unknown counts (when editing; all L
+    # otherwise), mirrored on the host so that each step's re-mask sizes are known without reading the device,
+    # and a model's per-class terms (FusionCache), computed for the run's class ids once.
+    host_masked = host_unknown = np.full(B, seq_len) if init_ids is None else n_unknown.cpu().numpy()
+    prepare = getattr(model, "prepare_classes", None)
+    if prepare is not None:
+        prepare(guidance_classes(class_ids, null_class_id))
     T = schedule.steps
     finite = []  # per step a 0-d bool on the device: no host sync inside the loop
     for t in range(T):
@@ -322,7 +363,8 @@ def generate(model: Callable, class_ids: torch.Tensor, schedule: Schedule, *, se
             else:  # a fixed order: the places latest in it stay masked
                 conf = torch.where(is_masked, priority.expand(B, -1), torch.full_like(priority, math.inf))
             counts = remask_counts(n_unknown, is_masked.sum(1), schedule.ratios[t], schedule.ratio_dtype)
-            ids = remask_lowest(sampled, conf, counts, mask_token_id)
+            host_masked = host_remask_counts(host_unknown, host_masked, schedule.ratios[t], schedule.ratio_dtype)
+            ids = remask_lowest(sampled, conf, counts, mask_token_id, n_max=int(host_masked.max(initial=0)))
         if record is not None:
             record.append(ids.clone())
     raise_if_nonfinite(finite, autocast_precision(device.type))  # the one read of the flags

@@ -50,7 +50,15 @@ def make_masked_batch(ids, class_ids, mask_token_id, null_class_id, p_uncond=0.1
     return MaskedBatch(input_ids, class_ids, ids, mask)
 
 
+IGNORED = -100  # target of the places the loss skips (F.cross_entropy's ignore_index)
+
+
 def masked_token_loss(logits, batch: MaskedBatch, label_smoothing=0.1):
-    """Cross-entropy (label smoothing) averaged over the masked places only."""
-    return F.cross_entropy(logits[batch.mask].float(), batch.targets[batch.mask],
+    """Cross-entropy (label smoothing) of logits [B,L,K] averaged over the masked places only.
+
+    The unmasked places get the ignored target instead of being selected out: no shape depends on the mask,
+    so the loss needs no host read on a GPU.
+    """
+    targets = torch.where(batch.mask, batch.targets, torch.full_like(batch.targets, IGNORED))  # [B,L]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORED,
                            label_smoothing=label_smoothing)

@@ -21,14 +21,13 @@ from libs.config import config_to_dict, flatten_config
 from libs.distributed import verdict_on_main
 from libs.errors import BadInput
 from libs.folder_lock import FolderLock
-from libs.models.factory import build_model, model_kind
+from libs.models.factory import build_model
 from libs.training.inputs import input_changes
 from libs.training.objective import make_masked_batch, masked_token_loss
 
 # ----------------------------------------------------------------------------- model
 
-MODE_MODEL = {"pretrain": "autonat", "ka_mig": "ka_mig"}  # train.mode -> the model kind it trains (AutoNAT's;
-#                                                            mode_kind gives config.backbone's)
+MODE_MODEL = {"pretrain": "autonat", "ka_mig": "ka_mig"}  # train.mode -> the model kind it trains
 TRAINED_PREFIXES = {"pretrain": ("",), "ka_mig": ("graph_layer.", "mlm_layer.")}  # '' = every parameter
 
 
@@ -39,15 +38,14 @@ def check_mode(mode: str):
 
 
 def init_model(config, graphs: dict = None):
-    """The model `train.mode` trains (mode_kind): a fresh backbone (pretrain) or the backbone with the graphs on
-    `train.init_checkpoint` (ka_mig: KA-MIG on AutoNAT, KA-MaskGIT on MaskGIT).
+    """The model `train.mode` trains: a fresh AutoNAT (pretrain) or KA-MIG on `train.init_checkpoint` (ka_mig).
 
     A KA-MIG run loads the backbone strictly with its graph modules left at their (zero-fusion) init.
     Raises BadInput when ka_mig mode has no init_checkpoint, MissingAssetError when the file is absent.
     """
     mode = config.train.mode
     check_mode(mode)
-    model = build_model(config, mode_kind(config), graphs)
+    model = build_model(config, MODE_MODEL[mode], graphs)
     init = config.train.init_checkpoint
     if init:
         allow = ("graph_layer.",) if mode == "ka_mig" else ()
@@ -56,11 +54,6 @@ def init_model(config, graphs: dict = None):
         raise BadInput("train.mode=ka_mig needs the frozen backbone: set config.train.init_checkpoint "
                          "(default assets/nnet_ema.pth)")
     return model
-
-
-def mode_kind(config) -> str:
-    """The model kind train.mode trains on config.backbone: the bare backbone (pretrain), or with the graphs."""
-    return model_kind(config, graphs=MODE_MODEL[config.train.mode] == "ka_mig")
 
 
 def freeze_for_mode(model, mode):
@@ -572,11 +565,13 @@ class Trainer:
         lr = lr_at(self.step, t.lr, t.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total_loss, masked = torch.zeros((), device=acc.device), 0.0
+        total_loss = torch.zeros((), device=acc.device)
+        masked = torch.zeros((), dtype=torch.float64, device=acc.device)  # read with the loss: no sync here
         for micro in range(t.grad_accum):
             rows = np.sort(idx[micro * self.micro_batch:(micro + 1) * self.micro_batch].numpy())
-            ids = torch.from_numpy(np.asarray(self.tokens[rows]).astype(np.int64)).to(acc.device)
-            cls = torch.from_numpy(np.asarray(self.labels[rows]).astype(np.int64)).to(acc.device)
+            # non_blocking: the host goes on queuing work instead of waiting for the last step's kernels
+            ids = torch.from_numpy(np.asarray(self.tokens[rows]).astype(np.int64)).to(acc.device, non_blocking=True)
+            cls = torch.from_numpy(np.asarray(self.labels[rows]).astype(np.int64)).to(acc.device, non_blocking=True)
             batch = make_masked_batch(ids, cls, cfg.mask_token_id, cfg.null_class_id, t.p_uncond,
                                       tuple(t.mask_beta), generator=gen)
             sync = micro == t.grad_accum - 1
@@ -586,7 +581,7 @@ class Trainer:
                 loss = masked_token_loss(logits, batch, t.label_smoothing) / t.grad_accum
             acc.backward(loss)
             total_loss += loss.detach().float()
-            masked += float(batch.mask.float().mean()) / t.grad_accum
+            masked += batch.mask.float().mean().double() / t.grad_accum
         params = [p for p in self.model.parameters() if p.requires_grad]
         scaler = self.scaler
         if scaler is not None:
@@ -600,7 +595,8 @@ class Trainer:
         # all of them take the same decision
         checked = acc.reduce(torch.stack([total_loss.float(), grad_norm.detach().float().to(acc.device)]),
                              reduction="mean")
-        loss_value, norm_value = float(checked[0]), float(checked[1])
+        # the step's one host read (a GPU sync): loss, gradient norm and this process's masked ratio together
+        loss_value, norm_value, masked = torch.cat([checked.double(), masked.view(1)]).tolist()
         bad = [what for what, v in (("loss", loss_value), ("gradient norm", norm_value)) if not math.isfinite(v)]
         step = self.step + 1
         skipped = False
