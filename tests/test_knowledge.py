@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -244,6 +245,7 @@ def save_tiny_graphs(folder):
 
 def test_tiny_ka_maskgit_trains_with_train_graph_and_samples_with_generate_img(tmp_path):
     import generate_img
+    import generate_npz
     import train_graph
     config = load_config_file(TINY)
     backbone = build_model(config, "maskgit")
@@ -270,6 +272,14 @@ def test_tiny_ka_maskgit_trains_with_train_graph_and_samples_with_generate_img(t
     fingerprint = json.loads((run_dir / "fingerprint.json").read_text())["fingerprint"]
     assert fingerprint["model"] == "ka_maskgit" and fingerprint["graphs_sha256"]
     assert fingerprint["schedule"]["name"] == "maskgit" and fingerprint["schedule"]["steps"] == 4
+    for kind, checkpoint in (("ka_maskgit", exported), ("maskgit", tmp_path / "maskgit.pth")):
+        out = tmp_path / f"npz_{kind}"
+        generate_npz.main([*shared, "--model", kind, "--checkpoint", str(checkpoint), "--num-samples", "3",
+                           "--batch-size", "2", "--no-fid", "--out", str(out), "--device", "cpu"])
+        with np.load(out / "samples.npz") as npz:
+            assert npz["arr_0"].shape == (3, 8, 8, 3) and npz["arr_0"].dtype == np.uint8
+        stored = json.loads((out / "fingerprint.json").read_text())["fingerprint"]
+        assert stored["model"] == kind and bool(stored["graphs_sha256"]) == (kind == "ka_maskgit")
     with pytest.raises(BadInput, match="--model: model 'ka_mig' is not built on config.backbone='maskgit'"):
         generate_img.main([*shared, "--model", "ka_mig", "--checkpoint", str(exported), "--classes", "1",
                            "--out", str(tmp_path / "refused"), "--device", "cpu"])
