@@ -1,7 +1,8 @@
-"""KA-MIG inference with the weight-dependent fusion terms computed once (the sampler's fast path).
+"""Knowledge-augmented inference (KA-MIG, KA-MaskGIT, any KnowledgeHost) with the weight-dependent fusion terms
+computed once (the sampler's fast path).
 
 `FusionCache(model)` snapshots what depends only on the weights and the graphs: the fusion tables
-([P,K+1,dim], `KAMIG.fusion_tables`). Per batch it computes the G_p terms of the batch's distinct classes once
+([P,K+1,dim], `KnowledgeHost.fusion_tables`). Per batch it computes the G_p terms of the batch's distinct classes once
 and reuses them while the class ids stay the same (all steps of one decoding run). The rule: a cache describes
 the weights it was built from; after changing them in place, call `refresh()` (or build a new cache). Replacing
 the graphs (`set_graphs`) or moving the model to another device or dtype is detected and refused until
@@ -10,15 +11,16 @@ differentiable path.
 """
 import torch
 
-from libs.models.ka_mig import KAMIG, stacked_convs
+from libs.models.knowledge import KnowledgeHost, stacked_convs
 
 
 class FusionCache:
     """Callable like the model, (ids [B,L], class_ids [B]) -> logits [B,L,K], for inference only."""
 
-    def __init__(self, model: KAMIG):
-        if not isinstance(model, KAMIG):
-            raise TypeError(f"FusionCache needs a KAMIG model, got {type(model).__name__}")
+    def __init__(self, model: KnowledgeHost):
+        if not isinstance(model, KnowledgeHost):
+            raise TypeError(f"FusionCache needs a knowledge-augmented model (KAMIG, KAMaskGIT or another "
+                            f"KnowledgeHost), got {type(model).__name__}")
         model.require_graphs()
         self.model = model
         self.refresh()
@@ -46,7 +48,7 @@ class FusionCache:
 
     def model_state(self) -> tuple:
         """What a refresh() depends on besides in-place weight values: graph buffers, device, dtype."""
-        weight = self.model.token_emb.word_embeddings.weight
+        weight = self.model.node_features()  # the host's word embedding: its device and dtype
         graphs = tuple(buf.data_ptr() for name, buf in self.model.named_buffers() if not name.startswith("token_emb"))
         return weight.device, weight.dtype, graphs
 
@@ -94,4 +96,4 @@ class FusionCache:
             terms, inverse = self.terms_for(class_ids)  # the argument itself: a view would be a new tensor
             negative = lambda point, dtype: terms[point].index_select(0, inverse)  # noqa: E731 - [B,L,dim]
         inject = model.fused_injection(ids, self.tables, negative)
-        return model.head(model.forward_blocks(model.embed(ids, class_ids.view(-1)), inject))
+        return model.run_with_injection(ids, class_ids.view(-1), inject)

@@ -21,13 +21,14 @@ from libs.config import config_to_dict, flatten_config
 from libs.distributed import verdict_on_main
 from libs.errors import BadInput
 from libs.folder_lock import FolderLock
-from libs.models.factory import build_model
+from libs.models.factory import build_model, model_kind
 from libs.training.inputs import input_changes
 from libs.training.objective import make_masked_batch, masked_token_loss
 
 # ----------------------------------------------------------------------------- model
 
-MODE_MODEL = {"pretrain": "autonat", "ka_mig": "ka_mig"}  # train.mode -> the model kind it trains
+MODE_MODEL = {"pretrain": "autonat", "ka_mig": "ka_mig"}  # train.mode -> the model kind it trains (AutoNAT's;
+#                                                            mode_kind gives config.backbone's)
 TRAINED_PREFIXES = {"pretrain": ("",), "ka_mig": ("graph_layer.", "mlm_layer.")}  # '' = every parameter
 
 
@@ -38,14 +39,15 @@ def check_mode(mode: str):
 
 
 def init_model(config, graphs: dict = None):
-    """The model `train.mode` trains: a fresh AutoNAT (pretrain) or KA-MIG on `train.init_checkpoint` (ka_mig).
+    """The model `train.mode` trains (mode_kind): a fresh backbone (pretrain) or the backbone with the graphs on
+    `train.init_checkpoint` (ka_mig: KA-MIG on AutoNAT, KA-MaskGIT on MaskGIT).
 
     A KA-MIG run loads the backbone strictly with its graph modules left at their (zero-fusion) init.
     Raises BadInput when ka_mig mode has no init_checkpoint, MissingAssetError when the file is absent.
     """
     mode = config.train.mode
     check_mode(mode)
-    model = build_model(config, MODE_MODEL[mode], graphs)
+    model = build_model(config, mode_kind(config), graphs)
     init = config.train.init_checkpoint
     if init:
         allow = ("graph_layer.",) if mode == "ka_mig" else ()
@@ -54,6 +56,11 @@ def init_model(config, graphs: dict = None):
         raise BadInput("train.mode=ka_mig needs the frozen backbone: set config.train.init_checkpoint "
                          "(default assets/nnet_ema.pth)")
     return model
+
+
+def mode_kind(config) -> str:
+    """The model kind train.mode trains on config.backbone: the bare backbone (pretrain), or with the graphs."""
+    return model_kind(config, graphs=MODE_MODEL[config.train.mode] == "ka_mig")
 
 
 def freeze_for_mode(model, mode):
