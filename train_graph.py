@@ -1,6 +1,8 @@
-"""Train KA-MIG's graph modules on a frozen AutoNAT backbone (or pretrain a backbone).
+"""Train KA-MIG's graph modules on a frozen AutoNAT backbone (or pretrain a backbone); on MaskGIT with a MaskGIT
+config (KA-MaskGIT, configs/ka_maskgit.py).
 
     torchrun --nproc_per_node=8 train_graph.py                       # paper recipe (configs/ka_mig_l.py)
+    torchrun --nproc_per_node=8 train_graph.py --config configs/ka_maskgit.py   # KA on the frozen MaskGIT
     python train_graph.py --config configs/tiny.py --config.data.path <tokens>   # one CPU process
     Mixed precision: ACCELERATE_MIXED_PRECISION=fp16|bf16|no or --config.train.mixed_precision.
 

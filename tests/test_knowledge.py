@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from libs.checkpoint import load_state_dict_file, load_strict
 from libs.config import load_config_file
 from libs.errors import BadInput
-from libs.models.factory import build_model, for_sampling
+from libs.models.factory import build_model, default_kind, for_sampling
 from libs.models.fusion_cache import FusionCache
 from libs.models.ka_maskgit import KAMaskGIT
 from libs.models.knowledge import GraphConfig, KnowledgeHost, conv1x1
@@ -230,6 +230,12 @@ def test_the_factory_builds_each_backbone_with_and_without_graphs():
         build_model(maskgit_cfg, "ka_mig", tiny_graphs())
     with pytest.raises(ValueError, match="config.backbone='autonat'"):
         build_model(autonat_cfg, "ka_maskgit", tiny_graphs())
+
+
+def test_each_config_names_its_default_model():
+    expected = {"configs/ka_mig_l.py": "ka_mig", "configs/autonat_l.py": "autonat", "configs/maskgit.py": "maskgit",
+                "configs/ka_maskgit.py": "ka_maskgit", TINY: "ka_maskgit"}
+    assert {path: default_kind(load_config_file(path)) for path in expected} == expected
 
 
 def save_tiny_graphs(folder):

@@ -82,6 +82,11 @@ def model_kind(config, graphs: bool) -> str:
     return BACKBONE_KINDS[backbone_of(config)][int(graphs)]
 
 
+def default_kind(config) -> str:
+    """The model a config describes: its backbone, with the graphs when it has a graph block."""
+    return model_kind(config, graphs="graph" in config)
+
+
 def check_model_kind(config, kind: str):
     """Raises ValueError for an unknown kind, or one of another backbone than config.backbone's."""
     if kind not in MODEL_KINDS:

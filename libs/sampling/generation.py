@@ -13,7 +13,7 @@ from libs.devices import check_device
 from libs.errors import BadInput, UserError
 from libs.models.cpu_kernels import CPU_KERNELS
 from libs.models.factory import (DEFAULT_CHECKPOINTS, MODEL_KINDS, backbone_config, check_model_kind,
-                                  check_tokenizer_matches, model_kind, tokenizer_config)
+                                  check_tokenizer_matches, default_kind, tokenizer_config)
 from libs.sampling.decoding import GUIDANCE_SCHEDULES, ORDERS, generate, schedule_from_config
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -223,14 +223,14 @@ def schedule_from_flags(config, schedule=None, steps=None, cfg_scale=None, temp=
 def check_inputs(args, config, sample_seeds: dict = None) -> str:
     """Flag and config checks shared by the sampling scripts, before any model is built; returns config.sample.pixels.
 
-    Resolves `args.model` (None: the config's backbone with its graphs, 'ka_mig' or 'ka_maskgit') and
+    Resolves `args.model` (None: config.backbone's model, with the graphs when the config has a graph block) and
     `args.cpu_kernels` (None: 'onednn', or 'default' with --compile). Bad values (a --model of another backbone
     than config.backbone, batch size, --device, sample seeds (`sample_seeds`: flag -> seed, default
     {'--seed': args.seed}, each for `args.num` samples or MAX_SAMPLES), pixel mode, --compile with oneDNN kernels,
     no tokenizer checkpoint, a tokenizer that does not fit the backbone) raise BadInput.
     """
     try:
-        args.model = args.model or model_kind(config, graphs=True)
+        args.model = args.model or default_kind(config)
         check_model_kind(config, args.model)
     except ValueError as e:
         raise BadInput(f"--model: {e}") from e
@@ -266,7 +266,8 @@ def add_sampling_flags(parser, helps=None):
     add("--model", choices=MODEL_KINDS, default=None,
         help="ka_mig (KA-MIG, graph_nnet_ema.pth) or autonat (the bare AutoNAT backbone, nnet_ema.pth) with an "
              "AutoNAT config; ka_maskgit or maskgit (the bare MaskGIT) with a MaskGIT config "
-             "(config.backbone='maskgit', configs/ka_maskgit.py); default: the config's model with the graphs")
+             "(config.backbone='maskgit', configs/ka_maskgit.py); default: the config's backbone, with the graphs "
+             "when the config has a graph block")
     add("--checkpoint", default=None,
         help="weights (default by --model: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_CHECKPOINTS.items()) + ")")
     add("--schedule", choices=["autonat", "maskgit"], default=None,
