@@ -8,6 +8,11 @@ writes into config.graph.dir (default graph_prior/; --out overrides), next to a 
   incompatibility.npz                       G_p as packed (class, position, token) occurrence bits
 The recipe is config.graph.recipe (`--config.graph.recipe.sim_k=3`, or the flags below, which override it).
 G_co and G_s use a seeded random subset of `max_images` token maps (paper: 50K), G_p all maps.
+Before any counting the recipe values are checked (types, finite numbers, ranges; --sim-k against the codebook) and
+the token dataset is read through libs.data.tokens.load_tokens (malformed or empty datasets are refused). The
+graphs are written into a staging folder inside the output folder and renamed into place together once all are
+written, so a failure leaves the old graphs as they were; building only some graphs (--graphs) into a folder whose
+other graphs come from another token dataset is refused (training and sampling refuse such a mixed folder).
 """
 import argparse
 import functools

@@ -7,6 +7,10 @@ packed occurrence bits (libs.graphs.occurrence_bits); the paper's dense [C,L,K] 
 is accepted too. Every file is written atomically (temp file + rename, libs.atomic_io) and byte-reproducibly:
 the same graph and metadata give the same bytes (tensor storages are pickled as torch zip archives, which
 hold no memory addresses; the .npz has fixed zip timestamps; JSON keys are sorted).
+A sidecar records the sha256 of its graph file (`file_sha256`) and, for graphs made by build_graphs, the token
+dataset they come from (`source_dataset`, `source_sha256`); `load_graph_folder`, what training and sampling read
+graphs through, refuses a file its sidecar does not describe, a folder mixing graphs of two token datasets, and
+sizes (codebook, tokens per image, classes) other than the model's.
 """
 import collections
 import io
