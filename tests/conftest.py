@@ -48,3 +48,13 @@ def tiny_assets(tmp_path_factory):
     overrides = ["--config", "configs/tiny.py", f"--config.tokenizer.checkpoint={root / 'vq.ckpt'}",
                  "--config.model.depth=4", f"--config.graph.dir={root / 'graphs'}"]
     return root, overrides
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one mixed precision per process: each test starts and ends with its state cleared, so a
+    test that trains in fp16 / bf16 cannot make a later Trainer fail with 'already initialized'."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -158,3 +158,23 @@ def test_gumbel_max_sampling_matches_softmax():
     draws = (logits + gumbel((50_000, 4), g, "cpu")).argmax(-1)
     freq = torch.bincount(draws, minlength=4).float() / 50_000
     torch.testing.assert_close(freq, torch.softmax(logits, 0), atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("switches", [dict(use_incompat=False), dict(use_co=False, use_sim=False, use_incompat=False)])
+def test_sampling_cache_without_g_p_decodes_like_the_model(switches):
+    """A KA-MIG with G_p off (e.g. the head-only control) samples through its FusionCache: the decoder's class
+    preparation is skipped (there are no class terms) and the ids equal decoding with the model itself."""
+    from libs.models.factory import for_sampling
+    from libs.models.ka_mig import KAMIG, GraphConfig
+    from tests.helpers import randomise_fusion, tiny_backbone, tiny_graphs
+    backbone = tiny_backbone()
+    model = KAMIG(backbone.cfg, GraphConfig(**switches), tiny_graphs()).eval()
+    model.load_state_dict(backbone.state_dict(), strict=False)
+    randomise_fusion(model)
+    cls = torch.tensor([0, 1, 4])
+    schedule = maskgit_schedule(4, 2.0)  # with guidance: the null class joins the batch
+    kw = dict(seq_len=16, mask_token_id=32, null_class_id=4)
+    with torch.no_grad():
+        cached = generate(for_sampling(model), cls, schedule, generator=torch.Generator().manual_seed(0), **kw)
+        plain = generate(model, cls, schedule, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(cached, plain)

@@ -80,8 +80,10 @@ class FusionCache:
         return self.class_terms
 
     def prepare_classes(self, class_ids):
-        """Computes the class terms of class ids [B] now (the decoder calls it before its first step)."""
-        self.terms_for(class_ids)
+        """Computes the class terms of class ids [B] now (the decoder calls it before its first step); nothing
+        when G_p is off (there are no class terms)."""
+        if self.model.graph_cfg.use_incompat:
+            self.terms_for(class_ids)
 
     def __call__(self, ids, class_ids):
         model = self.model
