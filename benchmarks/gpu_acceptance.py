@@ -272,8 +272,8 @@ def check_device_vs_cpu(report: Report, models: dict, dev_models: dict, config, 
         for name in token_calls(models):
             pairs[f"{name} logits"] = lambda m, d, n=name: token_calls(m)[n](ids.to(d), cls.to(d))
         for name, fn in pairs.items():
-            report.check(f"{device.type} vs cpu, fp32: {name}", max_difference(fn(dev_models, device), fn(models, "cpu"),
-                                                                               relative=True), FP32_TOLERANCE)
+            difference = max_difference(fn(dev_models, device), fn(models, "cpu"), relative=True)
+            report.check(f"{device.type} vs cpu, fp32: {name}", difference, FP32_TOLERANCE)
 
 
 @torch.no_grad()

@@ -18,13 +18,15 @@ and keeps the peak: the figure `torch.cuda.max_memory_allocated()` reports. Fake
 machine without a GPU fake CUDA tensors cannot run a backward pass (the autograd engine asks for a CUDA context),
 autocast on "cuda" switches itself off, and scaled_dot_product_attention falls back to the math kernel (which
 stores the [B,h,n,n] attention) where a GPU runs flash attention. What CPU tensors change is emulated: CPU
-autocast casts the same operators of these models as CUDA autocast (linear, matmul, conv and attention to
-fp16/bf16; layer and group norm, softmax and the loss in fp32: compared operator by operator on the fake forward),
-CPU attention is the flash kernel (output and log-sum-exp saved, as on a GPU), and AdamW is told to take its
-foreach path as it does on CUDA. torch.distributed._tools.mem_tracker.MemTracker (torchtitan's estimator) does not
-run these workloads in torch 2.14: it hooks the gradient of every parameter, which raises on the frozen backbone, and
-refuses a module called twice (every decoding step); tests/test_benchmark_tools.py checks PeakMemory against it
-on a pretraining step, where both run.
+autocast casts most operators of these models as CUDA autocast does (linear, matmul, conv and attention to
+fp16/bf16, softmax and the loss in fp32; layer norm, group norm and interpolation, which CPU autocast leaves in
+their input's dtype, are run in fp32 as CUDA autocast does (`CudaAutocastFp32`); tests/test_benchmark_tools.py
+compares the two operator by operator on a fake forward), CPU attention is the flash kernel (output and
+log-sum-exp saved, as on a GPU), and AdamW is told to take its foreach path as it does on CUDA.
+torch.distributed._tools.mem_tracker.MemTracker (torchtitan's estimator) does not run these workloads in torch 2.14:
+it hooks the gradient of every parameter, which raises on the frozen backbone, and refuses a module called twice
+(every decoding step); tests/test_benchmark_tools.py checks PeakMemory against it on a pretraining step, where both
+run.
 
 Values: fake tensors have none, but a few host reads decide shapes. The inputs (token ids, masks, class ids) carry
 their real values (`shadows`), which follow them through small operators, so unique() of the class ids, boolean
@@ -43,6 +45,7 @@ FRAGMENTATION (10%) of the rest (`usable`).
 import argparse
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -56,7 +59,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
@@ -99,9 +104,10 @@ class PeakMemory(TorchDispatchMode):
     """Bytes of the tensor storages alive (each rounded up to `round_to`) after every operator, and their peak.
 
     Use inside a FakeTensorMode (`fake`), or on real tensors (fake=False: counting only): storages made by
-    operators while the mode is active are counted until they are freed. `shadows` maps a tensor to a real CPU tensor with its values (see `data`);
-    data-dependent operators use them, and without them answer as described in the module docstring, counted in
-    `guessed` (operator name -> count). Raises RuntimeError for a unique() or boolean index whose values are unknown.
+    operators while the mode is active are counted until they are freed. `shadows` maps a tensor to a real CPU
+    tensor with its values (see `data`); data-dependent operators use them, and without them answer as described in
+    the module docstring, counted in `guessed` (operator name -> count). Raises RuntimeError for a unique() or
+    boolean index whose values are unknown.
     """
 
     def __init__(self, round_to: int = ALLOC_ROUND, fake: bool = True):
@@ -138,10 +144,10 @@ class PeakMemory(TorchDispatchMode):
     def _release(self, box):
         self.current -= box[0]
 
-    def data(self, real: torch.Tensor) -> torch.Tensor:
-        """A (fake, when a FakeTensorMode is active) CPU tensor shaped like real CPU tensor `real`, counted, with
-        `real` as its shadow when it is small."""
-        out = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype)
+    def data(self, real: torch.Tensor, device="cpu") -> torch.Tensor:
+        """A tensor on `device` (fake, when a FakeTensorMode is active) shaped like real CPU tensor `real`, counted,
+        with `real` as its shadow when it is small."""
+        out = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=device)
         if real.numel() <= SHADOW_LIMIT:
             self.shadows[out] = real
         return out
@@ -188,7 +194,8 @@ class PeakMemory(TorchDispatchMode):
         flat = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         if any(self.shadow(a) is None for a in flat):
             return False, None
-        with unset_fake_temporarily():
+        kwargs = {k: torch.device("cpu") if k == "device" and v is not None else v for k, v in kwargs.items()}
+        with unset_fake_temporarily():  # real values live on the CPU, whatever device the fake tensors are on
             return True, func(*tree_map(self.shadow_or_value, args), **tree_map(self.shadow_or_value, kwargs))
 
     def shadow_or_value(self, a):
@@ -220,9 +227,10 @@ class PeakMemory(TorchDispatchMode):
                 self.guessed[str(func)] += 1
                 real = torch.zeros(0, args[0].dim(), dtype=torch.long)
             if real is None:
-                raise RuntimeError(f"{func}: the estimator does not know the values of this tensor {tuple(args[0].shape)}")
+                raise RuntimeError(f"{func}: the estimator does not know the values of a tensor {tuple(args[0].shape)}")
             device = args[0].device
-            return True, tree_map(lambda r: self.like(r, device) if isinstance(r, torch.Tensor) else r, real), args, kwargs
+            out = tree_map(lambda r: self.like(r, device) if isinstance(r, torch.Tensor) else r, real)
+            return True, out, args, kwargs
         if func in INDEX_OPS and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
             return False, None, (args[0], self.long_indices(args[1]), *args[2:]), kwargs
         return False, None, args, kwargs
@@ -261,12 +269,30 @@ class PeakMemory(TorchDispatchMode):
             self.shadows[t] = r
 
 
+class CudaAutocastFp32(TorchFunctionMode):
+    """Under CPU autocast, layer norm, group norm and interpolation as CUDA autocast runs them: inputs cast to float32
+    (a copy of a low-precision input), float32 out. CPU autocast leaves them in the input's dtype; every other
+    operator of these models is cast alike (tests/test_benchmark_tools.py compares them operator by operator)."""
+
+    OPS = (F.layer_norm, F.group_norm, F.interpolate)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self.OPS or not torch.is_autocast_enabled("cpu"):
+            return func(*args, **kwargs)
+        low = (torch.float16, torch.bfloat16)
+        to32 = lambda a: a.float() if isinstance(a, torch.Tensor) and a.dtype in low else a  # noqa: E731
+        with torch.autocast("cpu", enabled=False):
+            return func(*tree_map(to32, args), **tree_map(to32, kwargs))
+
+
 # ----------------------------------------------------------------------------- where a workload runs
 
 
 @dataclass
 class Place:
-    """Where a workload runs: fake CPU tensors counted by `mem` (an estimate), or real tensors on `device`."""
+    """Where a workload runs: fake tensors on `device` counted by `mem` (the estimates use fake CPU tensors), or
+    real tensors on `device`."""
     device: torch.device
     mem: PeakMemory = None  # set: fake tensors
     cuda_like: bool = True  # fake tensors: take the code paths a CUDA device takes (AdamW's foreach)
@@ -298,11 +324,12 @@ class Place:
             for name, p in sub._parameters.items():
                 if p is not None:
                     if p not in memo:
-                        memo[p] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+                        memo[p] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=self.device),
+                                                     p.requires_grad)
                     sub._parameters[name] = memo[p]
             for name, b in sub._buffers.items():
                 if b is not None:
-                    sub._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+                    sub._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=self.device)
         return module
 
     @contextlib.contextmanager
@@ -316,7 +343,7 @@ class Place:
 
     def data(self, real: torch.Tensor) -> torch.Tensor:
         """A real CPU tensor (made inside `outside()`) on the device; fake: with its values kept as shadow."""
-        return self.mem.data(real) if self.fake else real.to(self.device)
+        return self.mem.data(real, self.device) if self.fake else real.to(self.device)
 
     def autocast(self, precision: str):
         dtype = PRECISIONS[precision]
@@ -375,7 +402,8 @@ def masked_batch(config, batch: int, step: int) -> MaskedBatch:
         cls = torch.arange(c, c + n) % m.num_classes
         parts.append(make_masked_batch(ids, cls, m.codebook_size, m.num_classes, t.p_uncond, tuple(t.mask_beta),
                                        generator=g))
-    return MaskedBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in MaskedBatch.__dataclass_fields__))
+    tensors = [f for f, v in vars(parts[0]).items() if isinstance(v, torch.Tensor)]
+    return dataclasses.replace(parts[0], **{f: torch.cat([getattr(p, f) for p in parts]) for f in tensors})
 
 
 # ----------------------------------------------------------------------------- the workloads
@@ -401,7 +429,8 @@ def training(place: Place, config, batch: int, steps: int = 1):
     for step in range(steps):
         with place.outside():
             real = masked_batch(config, batch, step)
-        b = MaskedBatch(*(place.data(x) for x in vars(real).values()))
+        b = dataclasses.replace(real, **{f: place.data(v) for f, v in vars(real).items()
+                                         if isinstance(v, torch.Tensor)})
         with place.autocast(precision):
             logits = model(b.input_ids, b.class_ids)
             if precision != "fp32":
@@ -489,15 +518,10 @@ def estimate(run: Callable, config, batch: int, round_to: int = ALLOC_ROUND, cud
     `round_to` / `cuda_like`: the CUDA allocator's rounding and CUDA's code paths (1 / False: a CPU's)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fake tensors' data_ptr(), autocast notes
-        with FakeTensorMode(), PeakMemory(round_to) as mem:
+        policy = CudaAutocastFp32() if cuda_like else contextlib.nullcontext()
+        with FakeTensorMode(), PeakMemory(round_to) as mem, policy:
             run(Place(torch.device("cpu"), mem, cuda_like), config, batch)
     return mem
-
-
-def estimate_workload(name: str, batch: int = None, config=None) -> int:
-    """Peak bytes of workload `name` of WORKLOADS at `batch` (default: its paper batch) per GPU."""
-    w = WORKLOADS[name]
-    return estimate(w.run, config or load_config_file(REPO / w.config), batch or w.batch).peak
 
 
 def largest_batch(peak_of: Callable, budget: int, guess: int = 1, step: int = 1, limit: int = 1 << 20) -> int:
@@ -604,27 +628,35 @@ def rss_bytes() -> int:
 
 
 def rss_child(batch: int):
-    """Runs the small training config for real on the CPU; prints the peak RSS growth over the start (bytes)."""
+    """Runs the small training config for real on the CPU; prints the peak RSS growth over the start and the peak
+    of its tensors counted by PeakMemory (bytes)."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     config = small_config()
     torch.zeros(1) @ torch.zeros(1)  # libraries loaded before the baseline
-    before, peak_before = rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    training(Place(torch.device("cpu")), config, batch)
+    before = rss_bytes()
+    with PeakMemory(round_to=1, fake=False) as mem:
+        training(Place(torch.device("cpu")), config, batch)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("RESULT", json.dumps({"growth": peak - before, "baseline": before, "peak_before": peak_before}))
+    print("RESULT", json.dumps({"rss_growth": peak - before, "tensors": mem.peak}))
+
+
+# glibc's malloc keeps freed blocks below a threshold that grows with the blocks freed; a fixed threshold returns
+# every block of 128 KiB or more to the system when it is freed, so RSS follows the live memory more closely
+MALLOC_VARIANTS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=131072": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
 def check_rss(batch: int = 16) -> dict:
-    """The estimator (CPU semantics: no rounding, CPU AdamW) against the real run's peak RSS growth."""
-    out = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--rss-child", str(batch)], cwd=REPO,
-                         capture_output=True, text=True)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode or not lines:
-        raise SystemExit(f"the real CPU run failed:\n{out.stderr[-3000:]}")
-    real = json.loads(lines[-1][len("RESULT "):])
-
-    est = estimate(training, small_config(), batch, round_to=1, cuda_like=False).peak
-    return dict(batch=batch, estimated=est, rss_growth=real["growth"], ratio=real["growth"] / est)
+    """The estimator (CPU semantics: no rounding, CPU AdamW) against a real run of the same step on the CPU: the
+    peak of its tensors and its peak RSS growth, under each of MALLOC_VARIANTS."""
+    result = dict(batch=batch, estimated=estimate(training, small_config(), batch, round_to=1, cuda_like=False).peak)
+    for name, env in MALLOC_VARIANTS.items():
+        out = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--rss-child", str(batch)], cwd=REPO,
+                             capture_output=True, text=True, env={**os.environ, **env})
+        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if out.returncode or not lines:
+            raise SystemExit(f"the real CPU run failed:\n{out.stderr[-3000:]}")
+        result[name] = json.loads(lines[-1][len("RESULT "):])
+    return result
 
 
 # ----------------------------------------------------------------------------- main
@@ -651,9 +683,11 @@ def main(argv=None):
     result = {"torch": torch.__version__, "rows": rows, "seconds": time.perf_counter() - t0}
     if args.check_rss:
         result["rss_check"] = check = check_rss()
-        print(f"\nRSS check (AutoNAT width 384, depth 8, fp32 pretraining step x2, batch {check['batch']}, CPU): "
-              f"estimated {check['estimated'] / 2 ** 20:.0f} MiB, real peak RSS growth "
-              f"{check['rss_growth'] / 2 ** 20:.0f} MiB (ratio {check['ratio']:.3f})")
+        mib = lambda n: f"{n / 2 ** 20:.0f} MiB"  # noqa: E731
+        print(f"\nRSS check (AutoNAT width 384, depth 8, 256 tokens, fp32 pretraining step, batch {check['batch']}, "
+              f"CPU): estimated {mib(check['estimated'])}; the real run: "
+              + "; ".join(f"{name}: tensors {mib(check[name]['tensors'])}, peak RSS growth "
+                          f"{mib(check[name]['rss_growth'])}" for name in MALLOC_VARIANTS))
     print(f"\n{time.perf_counter() - t0:.0f} s in all")
     if args.json:
         atomic_write_json(args.json, result)

@@ -1,5 +1,7 @@
 """benchmarks.memory (peak memory estimated on fake tensors, largest-batch search) and benchmarks.gpu_acceptance
 (its refusal without a GPU, its checks run on tiny models on the CPU)."""
+import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,12 +12,17 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import gpu_acceptance, memory
 from libs.config import load_config_file
 from libs.errors import UserError
-from libs.models.factory import backbone_config
 from libs.models.autonat import AutoNAT
+from libs.models.factory import backbone_config, tokenizer_config
+from libs.models.vqgan import VQGAN
+from libs.training.objective import masked_token_loss
+from libs.training.trainer import freeze_for_mode
 from tests.helpers import REPO
 
 
@@ -163,3 +170,90 @@ def test_gpu_acceptance_self_test_on_tiny_models(tmp_path, monkeypatch):
         assert part in names, part
     markdown = (tmp_path / "gpu_acceptance.md").read_text()
     assert markdown.startswith("SELF-TEST") and markdown.count("**FAIL**") == 4
+
+
+ARITHMETIC = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten.convolution.", "aten.native_layer_norm.",
+              "aten.native_group_norm.", "aten._log_softmax.", "aten.gelu.", "aten.sigmoid.", "aten.mul.", "aten.add.",
+              "aten.sub.", "aten.embedding.", "aten._to_copy.", "aten.upsample_nearest2d.", "aten.cat.")
+
+
+class OpDtypes(TorchDispatchMode):
+    """(operator, output dtypes) of the ARITHMETIC operators (views and copies for layout left out), except those
+    inside scaled_dot_product_attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.inside = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.inside and str(func).startswith(ARITHMETIC):
+            flat = out if isinstance(out, (tuple, list)) else [out]
+            self.ops.append((str(func), tuple(str(t.dtype) for t in flat if isinstance(t, torch.Tensor))))
+        return out
+
+
+class SkipAttention(TorchFunctionMode):
+    """Marks the operators of F.scaled_dot_product_attention (a GPU runs flash attention, a fake CUDA tensor the
+    math kernel, a CPU its flash kernel: the estimate's stated difference)."""
+
+    def __init__(self, log: OpDtypes):
+        super().__init__()
+        self.log = log
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        self.log.inside += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.log.inside -= 1
+
+
+@contextlib.contextmanager
+def autocast_on(device_type: str, dtype):
+    """Autocast for `device_type`, switched on even where torch.autocast refuses ('cuda' without a GPU)."""
+    was_on, was_dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    torch.set_autocast_enabled(device_type, True)
+    torch.set_autocast_dtype(device_type, dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled(device_type, was_on)
+        torch.set_autocast_dtype(device_type, was_dtype)
+        torch.clear_autocast_cache()
+
+
+def training_forward_dtypes(device: str, dtype) -> list:
+    """OpDtypes of a tiny KA-MIG training forward + loss and a tokenizer decode on fake tensors of `device`. G_co and
+    G_s are off: their GCNs run in fp32 outside autocast, and a sparse product on a fake CUDA tensor asks for a GPU."""
+    config = tiny("ka_mig", "fp16")
+    config.graph.use_co = config.graph.use_sim = False
+    log = OpDtypes()
+    policy = memory.CudaAutocastFp32() if device == "cpu" else contextlib.nullcontext()
+    with FakeTensorMode(), memory.PeakMemory() as mem, policy:
+        place = memory.Place(torch.device(device), mem)
+        model = memory.token_network(place, config, "ka_mig").train()
+        freeze_for_mode(model, "ka_mig")
+        tokenizer = place.module(lambda: VQGAN(tokenizer_config(config.tokenizer)))
+        with place.outside():
+            real = memory.masked_batch(config, 8, 0)
+        b = dataclasses.replace(real, **{f: place.data(v) for f, v in vars(real).items()
+                                         if isinstance(v, torch.Tensor)})
+        with autocast_on(device, dtype), log, SkipAttention(log):
+            masked_token_loss(model(b.input_ids, b.class_ids).float(), b, 0.1)
+            tokenizer.decoder(torch.empty(2, config.tokenizer.embed_dim, 4, 4, device=device))
+    return log.ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cpu_autocast_casts_like_cuda_autocast(dtype):
+    """The estimate runs on fake CPU tensors under CPU autocast (with CudaAutocastFp32) for a GPU under CUDA
+    autocast: every arithmetic operator of a KA-MIG training forward, its loss and a tokenizer decode must come out
+    in the same dtypes, in the same order."""
+    cuda, cpu = training_forward_dtypes("cuda", dtype), training_forward_dtypes("cpu", dtype)
+    assert cuda == cpu
+    low = str(dtype)
+    assert ("aten.addmm.default", (low,)) in cpu and ("aten.convolution.default", (low,)) in cpu  # autocast ran
+    assert ("aten.native_layer_norm.default", ("torch.float32",) * 3) in cpu
