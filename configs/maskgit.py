@@ -41,6 +41,9 @@ def get_config():
     t.warmup_steps = 5000
     t.label_smoothing = 0.1
     t.p_uncond = 0.0       # no class dropout: the release has no unconditional class
+    t.mask_schedule = "cosine"  # rate clip(cos(pi/2 * u), 1e-6, 1), u ~ U[0, 1) per sample (train.mask_beta unused)
+    t.min_mask_rate = 0.5  # the release's min_masking_rate: the rate is at least 0.5
+    t.loss_average = "samples"  # loss on masked places only: per-sample mean, then the batch mean
 
     s = config.sample
     s.schedule = "maskgit"

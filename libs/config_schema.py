@@ -17,6 +17,7 @@ from libs.models.factory import BACKBONE_KINDS
 from libs.models.ka_mig import GNN_KINDS
 from libs.sampling.decoding import GUIDANCE_SCHEDULES, ORDERS, parse_guidance_steps
 from libs.sampling.generation import PIXELS, max_sample_seed
+from libs.training.objective import LOSS_AVERAGES, MASK_SCHEDULES
 
 TRAIN_MODES = ("pretrain", "ka_mig")  # libs.training.trainer.MODE_MODEL (not imported: accelerate is slow to load)
 MIXED_PRECISIONS = ("no", "fp16", "bf16")  # what accelerate runs on CPUs and GPUs alike
@@ -159,6 +160,10 @@ RULES = {
     "train.max_skipped_steps": integer(0),
     "train.p_uncond": probability(),
     "train.mask_beta": listing(integer(1), length=2),
+    # absent: AutoNAT's objective (Beta law, no minimum rate, mean over the batch's masked places)
+    "train.mask_schedule": choice(*MASK_SCHEDULES, required=False),
+    "train.min_mask_rate": number(0, 1, required=False),
+    "train.loss_average": choice(*LOSS_AVERAGES, required=False),
     "train.label_smoothing": probability(),
     "train.log_interval": integer(1),
     "train.save_interval": integer(1),

@@ -45,9 +45,10 @@ def training_inputs(config) -> dict:
     """The fingerprint of the token dataset at config.data.path and the graph files the run uses (see the
     module docstring); files that are absent are left out (their loaders report them)."""
     tokens = {p.name: file_record(p) for p in token_files(config.data.path) if p.is_file()}
-    paths = graph_paths(config.graph.dir)
+    used = used_graphs(config)
+    paths = graph_paths(config.graph.dir) if used else {}  # a pretraining config may have no graph block
     graphs = {name: {"file": paths[name].name, **file_record(paths[name])}
-              for name in used_graphs(config) if paths[name].is_file()}
+              for name in used if paths[name].is_file()}
     return {"tokens": tokens, "graphs": graphs}
 
 

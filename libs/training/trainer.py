@@ -23,7 +23,7 @@ from libs.errors import BadInput
 from libs.folder_lock import FolderLock
 from libs.models.factory import build_model, model_kind
 from libs.training.inputs import input_changes
-from libs.training.objective import make_masked_batch, masked_token_loss
+from libs.training.objective import make_masked_batch, masked_token_loss, masking_options
 
 # ----------------------------------------------------------------------------- model
 
@@ -580,7 +580,7 @@ class Trainer:
             ids = torch.from_numpy(np.asarray(self.tokens[rows]).astype(np.int64)).to(acc.device, non_blocking=True)
             cls = torch.from_numpy(np.asarray(self.labels[rows]).astype(np.int64)).to(acc.device, non_blocking=True)
             batch = make_masked_batch(ids, cls, cfg.mask_token_id, cfg.null_class_id, t.p_uncond,
-                                      tuple(t.mask_beta), generator=gen)
+                                      tuple(t.mask_beta), generator=gen, **masking_options(t))
             sync = micro == t.grad_accum - 1
             ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
             with ctx, acc.autocast():
