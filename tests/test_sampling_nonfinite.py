@@ -172,3 +172,46 @@ def test_generate_npz_fp16_overflow_exits_1_without_samples(tmp_path):
     assert "NaN/inf at decoding step 1 of 8 under precision fp16" in lines[0] and "--precision fp32" in lines[0]
     assert not (tmp_path / "fp16" / "samples.npz").exists()
     assert not list((tmp_path / "fp16" / "samples").glob("*.png"))
+
+
+# ----------------------------------------------------------------------------- the MaskGIT release's sampler
+
+
+def maskgit_decode_run(model, precision=None, **kw):
+    """libs.sampling.maskgit_decode.decode of 4 samples in 4 steps (tiny MaskGIT sizes) under autocast."""
+    from libs.sampling.maskgit_decode import decode as release_decode
+    with torch.autocast("cpu", dtype=precision or torch.float32, enabled=precision is not None):
+        return release_decode(model, torch.arange(4), seq_len=16, mask_token_id=36, steps=4, null_class_id=4,
+                              generator=torch.Generator().manual_seed(0), **kw)
+
+
+def tiny_release_maskgit():
+    from libs.models.maskgit import MaskGIT, MaskGITConfig
+    torch.manual_seed(0)
+    return MaskGIT(MaskGITConfig(codebook_size=32, seq_len=16, num_classes=4, embed_dim=32, depth=2, num_heads=2,
+                                 dropout=0.0)).eval()
+
+
+def test_maskgit_decode_stops_at_nan_logits_naming_the_step():
+    model = tiny_release_maskgit()
+    assert model.mask_token_id == 36
+    for n in (0, 2, 3):
+        with pytest.raises(NonFiniteLogits) as e:
+            maskgit_decode_run(NaNFromCall(model, n))
+        assert e.value.step == n and f"decoding step {n + 1} of 4 under precision fp32" in str(e.value)
+    with pytest.raises(NonFiniteLogits, match="decoding step 3 of 4"):  # editing from step 2: steps keep their numbers
+        maskgit_decode_run(NaNFromCall(model, 0), start_iter=2)
+    with pytest.raises(NonFiniteLogits, match="decoding step 3 of 4"):  # the guided pass (one call per step)
+        maskgit_decode_run(NaNFromCall(model, 2), guidance=[1.0] * 4)
+    assert torch.equal(maskgit_decode_run(NaNFromCall(model, 4)), maskgit_decode_run(model))  # four finite steps
+
+
+def test_maskgit_decode_names_fp16_overflow():
+    model = tiny_release_maskgit()
+    with torch.no_grad():  # the first MLP's output x 1e8: finite after its LayerNorm in fp32 and bf16, inf in fp16
+        model.layers[0].mlp.layer_output.weight.mul_(1e8)
+        model.layers[0].mlp.layer_output.bias.mul_(1e8)
+    maskgit_decode_run(model)
+    maskgit_decode_run(model, torch.bfloat16)
+    with pytest.raises(NonFiniteLogits, match=r"step 1 of 4 under precision fp16; .*try --precision fp32 or bf16"):
+        maskgit_decode_run(model, torch.float16)

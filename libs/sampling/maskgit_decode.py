@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from libs.nonfinite import all_finite, autocast_precision, raise_if_nonfinite
 from libs.sampling.decoding import guided_logits, gumbel, initial_ids
 
 DEFAULT_STEPS = 16  # the release's inference default (generate_samples); parallel_decode's own default is 12
@@ -71,7 +72,9 @@ def decode(model: Callable, class_ids: torch.Tensor, *, seq_len: int, mask_token
     scale per step (T entries; 0 = one plain forward) with the unconditional pass on `null_class_id`.
     `noise(kind, step, shape)` supplies the Gumbel draws ('sample' [B,L,K], then 'choice' [B,L] per step;
     default: `torch_noise(generator, device)`). `record` receives the sampled ids [B,L] of every step (before
-    re-masking, as the release's per-step output). Raises ValueError for a start_iter outside [0, steps).
+    re-masking, as the release's per-step output). Raises ValueError for a start_iter outside [0, steps), and
+    libs.nonfinite.NonFiniteLogits naming the first step (of `steps`, counted from 1) whose logits hold NaN/inf
+    and the autocast precision: each step records a flag on the device, read once after the loop.
     """
     if not 0 <= start_iter < steps:
         raise ValueError(f"start_iter must lie in [0, {steps}), got {start_iter}")
@@ -82,12 +85,16 @@ def decode(model: Callable, class_ids: torch.Tensor, *, seq_len: int, mask_token
     noise = noise or torch_noise(generator, device)
     ids = initial_ids(class_ids.shape[0], seq_len, mask_token_id, device, init_ids, known)
     n_unknown = (ids == mask_token_id).sum(1)  # [B]
+    # per step a 0-d bool on the device, no host sync inside the loop; the steps skipped by start_iter count as
+    # finite so that a flag's index is its step
+    finite = [torch.ones((), dtype=torch.bool, device=device)] * start_iter
     for step in range(start_iter, steps):
         scale = guidance[step] if guidance is not None else 0.0
         if scale:
             logits = guided_logits(model, ids, class_ids, scale, null_class_id)
         else:
             logits = model(ids, class_ids).float()  # [B,L,K]
+        finite.append(all_finite(logits))
         unknown = ids == mask_token_id
         g = noise("sample", step, logits.shape)
         scores = logits / sample_temperature + g if sample_temperature > 0 else logits
@@ -95,7 +102,8 @@ def decode(model: Callable, class_ids: torch.Tensor, *, seq_len: int, mask_token
         if record is not None:
             record.append(sampled.clone())
         if step == steps - 1:
-            return sampled
+            ids = sampled
+            break
         r = progress(step, steps)
         lengths = mask_lengths(n_unknown, unknown.sum(1), cosine_mask_ratio(r))  # [B]
         probs = torch.softmax(logits, dim=-1).gather(-1, sampled[..., None])[..., 0]  # [B,L]
@@ -103,4 +111,5 @@ def decode(model: Callable, class_ids: torch.Tensor, *, seq_len: int, mask_token
         temperature = torch.tensor(choice_temperature, dtype=torch.float32) * (1 - r)
         conf = torch.log(probs) + temperature * noise("choice", step, probs.shape)
         ids = torch.where(remask(conf, lengths), torch.full_like(sampled, mask_token_id), sampled)
+    raise_if_nonfinite(finite, autocast_precision(device.type))  # the one read of the flags
     return ids
