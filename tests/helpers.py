@@ -259,13 +259,30 @@ def reference_forward(model: KAMIG, ids, class_ids):
 # ----------------------------------------------------------------------------- decoding options
 
 
-def token_model(kind: str, graph_cfg=None):
-    """A tiny token model on the CPU: the bare backbone ('autonat'), or KA-MIG ('ka_mig') with non-zero fusion."""
+def token_model(kind: str, graph_cfg=None, **maskgit):
+    """A tiny token model on the CPU: the bare backbone ('autonat', 'maskgit'), or with the graphs and non-zero
+    fusion ('ka_mig', 'ka_maskgit'). `maskgit`: MaskGITConfig fields over tiny_maskgit_config's."""
     if kind == "autonat":
         return tiny_backbone()
-    model, _ = tiny_ka_mig(graph_cfg)
+    if kind in ("maskgit", "ka_maskgit"):
+        from libs.models.ka_maskgit import KAMaskGIT
+        from libs.models.maskgit import MaskGIT
+        torch.manual_seed(0)
+        cfg = tiny_maskgit_config(**maskgit)
+        if kind == "maskgit":
+            return MaskGIT(cfg).eval()
+        model = KAMaskGIT(cfg, graph_cfg or GraphConfig(), tiny_graphs()).eval()
+    else:
+        model, _ = tiny_ka_mig(graph_cfg)
     randomise_fusion(model)
     return model
+
+
+def tiny_maskgit_config(**kw):
+    """MaskGITConfig of configs/tiny_maskgit.py's sizes (3 layers, no dropout unless given)."""
+    from libs.models.maskgit import MaskGITConfig
+    cfg = dict(codebook_size=K, seq_len=16, num_classes=4, embed_dim=32, depth=3, num_heads=2, dropout=0.0)
+    return MaskGITConfig(**{**cfg, **kw})
 
 
 def decoding_options() -> dict:

@@ -257,3 +257,78 @@ def test_a_cpu_index_planted_in_ka_mig_is_caught(monkeypatch):
     with fake_cuda(strict=()) as fc, pytest.raises(PLACEMENT_ERRORS):
         fc.to_cuda(model)
         model(*cuda_batch())
+
+
+# ----------------------------------------------------------------------------- MaskGIT and KA-MaskGIT
+
+
+MASKGIT_MASK = K + C  # MaskGIT's [MASK] id: after the codebook and the class tokens
+
+
+def maskgit_cuda_batch(b=4):
+    """cuda_batch with MaskGIT's [MASK] id at every third place."""
+    ids, cls = cuda_batch(b)
+    return torch.where(ids == K, torch.full_like(ids, MASKGIT_MASK), ids), cls
+
+
+@pytest.mark.parametrize("kind", ["maskgit", "ka_maskgit"])
+def test_maskgit_inference_stays_on_cuda(kind):
+    model = token_model(kind)
+    with fake_cuda() as fc, torch.no_grad():
+        fc.to_cuda(model)
+        ids, cls = maskgit_cuda_batch()
+        cache = FusionCache(model) if kind == "ka_maskgit" else None
+        if cache is not None:
+            cache.prepare_classes(cls)  # the sampler's preparation: the batch's classes read once, before the steps
+        fc.reads.phase = "steps"  # from here on a host read raises
+        logits = model(ids, cls)
+        cached = cache(ids, cls) if cache is not None else logits
+    assert is_fake_cuda(logits) and logits.shape == (4, L, K) and is_fake_cuda(cached)
+
+
+@pytest.mark.parametrize("kind", ["maskgit", "ka_maskgit"])
+def test_maskgit_training_forward_and_loss_stay_on_cuda(kind):
+    """Pretraining (MaskGIT: dropout, activation checkpointing) and KA training with the release's objective."""
+    model = token_model(kind, dropout=0.1, use_checkpoint=kind == "maskgit").train()
+    with fake_cuda() as fc:
+        fc.to_cuda(model)
+        ids, cls = cuda_batch()
+        generator = fc.cuda_generators(1)[0]
+        fc.reads.phase = "steps"
+        batch = make_masked_batch(ids, cls, MASKGIT_MASK, C, p_uncond=0.0, generator=generator, schedule="cosine",
+                                  min_rate=0.5, average="samples")
+        loss = masked_token_loss(model(batch.input_ids, batch.class_ids), batch, 0.1)
+    assert is_fake_cuda(loss) and loss.shape == () and loss.requires_grad
+    assert all(is_fake_cuda(t) for t in (batch.input_ids, batch.class_ids, batch.targets, batch.mask))
+
+
+def maskgit_decoded_on_cuda(kind, precision="fp32", generators="per-sample", edit=False, **kw):
+    """libs.sampling.maskgit_decode.decode (the release's sampler, 4 steps) of a fake-CUDA model (KA-MaskGIT
+    through its FusionCache); `edit`: known ids kept, decoding from step 2 (the release's editing). Returns the
+    ids."""
+    from libs.sampling.maskgit_decode import decode as release_decode
+    model = token_model(kind)
+    with fake_cuda(strict=()) as fc, torch.no_grad():
+        fc.to_cuda(model)
+        sampler = FusionCache(model) if kind == "ka_maskgit" else model
+        _, cls = cuda_batch()
+        gens = {"per-sample": fc.cuda_generators(4), "one": fc.cuda_generators(1)[0], "none": None}[generators]
+        if edit:
+            with torch.device("cuda"):
+                kw.update(init_ids=torch.randint(0, K, (4, L)), known=(torch.arange(L) % 2 == 0).expand(4, -1),
+                          start_iter=2)
+        with cuda_autocast_allowed() if precision != "fp32" else contextlib.nullcontext():
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+            with torch.autocast("cuda", dtype=dtype, enabled=precision != "fp32"):
+                return release_decode(sampler, cls, seq_len=L, mask_token_id=MASKGIT_MASK, steps=4,
+                                      null_class_id=C, generator=gens, **kw)
+
+
+@pytest.mark.parametrize("kind,option", [("maskgit", "plain"), ("maskgit", "fp16"), ("maskgit", "edit"),
+                                         ("ka_maskgit", "guided"), ("ka_maskgit", "bf16"),
+                                         ("ka_maskgit", "one-generator")])
+def test_maskgit_decode_runs_on_cuda(kind, option):
+    kw = {"plain": {}, "guided": {"guidance": [0.5, 1.0, 1.5, 2.0]}, "bf16": {"precision": "bf16"},
+          "fp16": {"precision": "fp16"}, "one-generator": {"generators": "one"}, "edit": {"edit": True}}[option]
+    ids = maskgit_decoded_on_cuda(kind, **kw)
+    assert is_fake_cuda(ids) and ids.shape == (4, L) and ids.dtype == torch.long

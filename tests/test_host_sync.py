@@ -311,3 +311,53 @@ def test_a_read_planted_in_the_loss_is_counted(tmp_path, monkeypatch):
     trainer, _ = ka_mig_trainer(tmp_path, n_steps=10)
     reads = reads_of_a_training_step(trainer)
     assert len(reads) == 2 and "test_host_sync.py" in reads[0], reads
+
+
+# ----------------------------------------------------------------------------- MaskGIT and KA-MaskGIT
+
+
+def maskgit_decode_watched(kind, guidance=None):
+    """libs.sampling.maskgit_decode.decode (4 steps) of a fake-CUDA MaskGIT / KA-MaskGIT (its FusionCache) with
+    the steps watched; returns (HostReads, model calls)."""
+    from libs.sampling.maskgit_decode import decode as release_decode
+    model = token_model(kind)
+    with fake_cuda() as fc, torch.no_grad():
+        fc.to_cuda(model)
+        sampler = PhaseWatch(FusionCache(model) if kind == "ka_maskgit" else model, fc.reads)
+        with torch.device("cuda"), fc.quiet():
+            cls = torch.tensor([0, 1, 1, 3])
+        release_decode(sampler, cls, seq_len=L, mask_token_id=K + C, steps=4, null_class_id=C, guidance=guidance,
+                       generator=fc.cuda_generators(4), record=StepRecord(fc.reads, 4))
+    return fc.reads, sampler.calls
+
+
+@pytest.mark.parametrize("kind,guidance", [("maskgit", None), ("ka_maskgit", None), ("ka_maskgit", [1.0] * 4)],
+                         ids=["maskgit", "ka_maskgit", "ka_maskgit-guided"])
+def test_no_maskgit_decode_step_reads_the_device(kind, guidance):
+    reads, calls = maskgit_decode_watched(kind, guidance)  # any read inside the steps raises
+    assert calls == 4
+    setup = [(r.what, r.where.split(":")[0]) for r in reads.in_phase("setup")]
+    assert setup == ([] if kind == "maskgit" else [("unique", "libs/models/fusion_cache.py")]), reads.reads
+    assert [r.where.split(":")[0] for r in reads.in_phase("after")] == ["libs/nonfinite.py"]  # the flags, once
+
+
+def test_a_sync_planted_in_a_maskgit_decode_step_is_caught(monkeypatch):
+    from libs.sampling import maskgit_decode
+    real = maskgit_decode.remask
+    monkeypatch.setattr(maskgit_decode, "remask", lambda conf, lengths: real(conf, lengths.clamp(max=int(lengths.max()))))
+    with pytest.raises(HostSyncError, match="scalar read"):
+        maskgit_decode_watched("maskgit")
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_maskgit_pretraining_step_reads_the_device_once(tmp_path):
+    """configs/tiny_maskgit.py: the cosine masking with its minimum rate and the per-sample loss add no read."""
+    from libs.config import load_config_file
+    from libs.training.trainer import Trainer
+    from tests.helpers import synthetic_tokens
+    config = load_config_file("configs/tiny_maskgit.py")
+    config.output_dir, config.train.log_interval, config.train.n_steps = str(tmp_path / "out"), 1000, 10
+    trainer = Trainer(config, *synthetic_tokens())
+    assert type(trainer.unwrapped).__name__ == "MaskGIT" and trainer.config.train.loss_average == "samples"
+    reads = reads_of_a_training_step(trainer)
+    assert len(reads) == 1 and "loss_value, norm_value, masked = " in reads[0], reads

@@ -21,7 +21,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from libs.nonfinite import all_finite, autocast_precision, raise_if_nonfinite
-from libs.sampling.decoding import guided_logits, gumbel, initial_ids
+from libs.sampling.decoding import guidance_classes, guided_logits, gumbel, initial_ids
 
 DEFAULT_STEPS = 16  # the release's inference default (generate_samples); parallel_decode's own default is 12
 CHOICE_TEMPERATURE = 4.5  # the release's sample_choice_temperature
@@ -58,6 +58,16 @@ def torch_noise(generator, device) -> Callable:
     return lambda kind, step, shape: gumbel(shape, generator, device)
 
 
+def prepare_classes(model, class_ids, guided: bool, null_class_id):
+    """Lets a model with per-class terms (FusionCache: `prepare_classes`) compute them before the first step, for
+    the class tensor that step passes ([cond; uncond] when `guided`), so that no step reads the device. A
+    schedule that switches between guided and plain steps passes another tensor at each switch (one read there).
+    """
+    prepare = getattr(model, "prepare_classes", None)
+    if prepare is not None:
+        prepare(guidance_classes(class_ids, null_class_id) if guided else class_ids)
+
+
 @torch.no_grad()
 def decode(model: Callable, class_ids: torch.Tensor, *, seq_len: int, mask_token_id: int,
            steps: int = DEFAULT_STEPS, choice_temperature: float = CHOICE_TEMPERATURE,
@@ -85,6 +95,7 @@ def decode(model: Callable, class_ids: torch.Tensor, *, seq_len: int, mask_token
     noise = noise or torch_noise(generator, device)
     ids = initial_ids(class_ids.shape[0], seq_len, mask_token_id, device, init_ids, known)
     n_unknown = (ids == mask_token_id).sum(1)  # [B]
+    prepare_classes(model, class_ids, guidance is not None and bool(guidance[start_iter]), null_class_id)
     # per step a 0-d bool on the device, no host sync inside the loop; the steps skipped by start_iter count as
     # finite so that a flag's index is its step
     finite = [torch.ones((), dtype=torch.bool, device=device)] * start_iter
