@@ -275,6 +275,42 @@ def atomic_torch_save(obj, path) -> Path:
     return atomic_write(path, write)
 
 
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def safetensors_bytes(tensors: dict, metadata: dict = None) -> bytes:
+    """The .safetensors encoding of `tensors` (name -> tensor, any device) with string `metadata`: tensors in
+    name order, JSON header with sorted keys padded with spaces to 8 bytes, so equal content gives equal bytes.
+
+    Raises ValueError for a non-tensor entry, a dtype safetensors has no code for, or non-string metadata.
+    """
+    header, blobs, offset = {}, [], 0
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("safetensors metadata must map strings to strings")
+        header["__metadata__"] = dict(metadata)
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not isinstance(t, torch.Tensor) or t.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"entry {name!r} is not a tensor of a safetensors dtype ({type(t).__name__}"
+                             f"{'' if not isinstance(t, torch.Tensor) else ', ' + str(t.dtype)})")
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # little-endian
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
+def atomic_save_safetensors(tensors: dict, path, metadata: dict = None) -> Path:
+    """Writes `tensors` as a .safetensors file (weights only, no pickle) with string `metadata`, atomically."""
+    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
+
+
 def atomic_save_npy(path, array: np.ndarray) -> Path:
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object: np.save would append '.npy' to a bare name

@@ -74,17 +74,62 @@ def _warn_stripped(source, stripped):
 TRAINING_CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step"}  # a train_graph.py checkpoints/step_*.pt
 
 
+SAFETENSORS_MAX_HEADER = 100 << 20  # bytes of JSON header accepted (safetensors' own limit)
+
+
+def weights_format(path) -> str:
+    """'safetensors' or 'torch', from the file's first bytes (not its name): a safetensors file starts with an
+    8-byte little-endian header length then '{'; a torch file with 'PK' (zip) or a pickle opcode. Raises
+    MissingAssetError (absent), BadInput (neither)."""
+    path = require_file(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= min(
+            size - 8, SAFETENSORS_MAX_HEADER):
+        return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip archive (torch >= 1.6) / pickle protocol >= 2 (legacy)
+        return "torch"
+    raise BadInput(f"{path}: not a readable weights file (neither a torch file nor a .safetensors file: it "
+                   f"starts with {head[:8]!r})")
+
+
+def read_safetensors(path) -> tuple:
+    """(tensors, metadata) of a .safetensors file, memory-mapped on the CPU; BadInput if it is malformed."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # truncated file, header and data disagree
+        raise BadInput(f"{path}: not a readable weights file ({type(e).__name__}: {one_line(e)[:200]})") from e
+
+
+def weights_metadata(path) -> dict:
+    """The string metadata of a .safetensors weights file ({} for a torch file); 'config' holds the JSON of
+    the config that built the model when the writer knew it."""
+    return read_safetensors(path)[1] if weights_format(path) == "safetensors" else {}
+
+
+def read_weights_file(path):
+    """The object in a weights file, by content: a .safetensors file's dict of tensors, or a torch file
+    loaded with weights_only (no code runs). Raises MissingAssetError, BadInput (unreadable)."""
+    if weights_format(path) == "safetensors":
+        return read_safetensors(path)[0]
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, pickled code
+        raise BadInput(f"{path}: not a readable weights file ({type(e).__name__}: {one_line(e)[:200]})") from e
+
+
 def load_state_dict_file(path, key=None) -> dict:
-    """Loads a state dict saved bare or under 'state_dict' (or under `key`, e.g. 'ema' of our checkpoints).
+    """Loads a state dict from a .safetensors file or a torch file saved bare or under 'state_dict' (or under
+    `key`, e.g. 'ema' of our checkpoints); the format is told by content, not by name.
 
     Wrapper prefixes every key carries (`module.` of DDP, `_orig_mod.` of torch.compile) are stripped with a
     warning.
     """
     path = require_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, pickled code
-        raise BadInput(f"{path}: not a readable weights file ({type(e).__name__}: {one_line(e)[:200]})") from e
+    obj = read_weights_file(path)
     for k in ([key] if key else []) + ["state_dict"]:
         if isinstance(obj, dict) and isinstance(obj.get(k), dict):
             obj = obj[k]

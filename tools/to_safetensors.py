@@ -1,0 +1,68 @@
+"""Converts a released weights file (.pth / .ckpt, a torch pickle) into a .safetensors file: weights only.
+
+    python -m tools.to_safetensors <in.pth> <out.safetensors>
+
+The input is a state dict, bare or under 'state_dict' (as every loader of ka-mig accepts it). Entries stored
+beside 'state_dict' (e.g. the demo tokenizer's 'tokenizer' config and 'train' recipe) go into the metadata as
+'config' (JSON text with sorted keys). The output is byte-reproducible: the same input gives the same bytes.
+"""
+import json
+import warnings
+
+from libs.cli import ArgumentParser, run_main
+from libs.errors import BadInput
+
+FORMAT_METADATA = {"format": "pt"}  # what the safetensors / Hugging Face loaders expect of torch weights
+
+
+def side_config(obj):
+    """The entries stored beside 'state_dict' in a loaded torch file, or None when there are none."""
+    if not (isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)):
+        return None
+    extra = {k: v for k, v in obj.items() if k != "state_dict"}
+    return extra or None
+
+
+def config_json(config) -> str:
+    """`config` as JSON text with sorted keys (tuples become lists); BadInput if it holds non-JSON values."""
+    try:
+        return json.dumps(config, sort_keys=True, separators=(",", ":"))
+    except TypeError as e:
+        raise BadInput(f"the entries beside 'state_dict' are not plain config values ({e})") from e
+
+
+def convert(src, dst) -> dict:
+    """Writes the state dict of `src` to `dst` as .safetensors; returns its metadata.
+
+    Raises MissingInput (no `src`), BadInput (not a weights file, non-tensor entries, an unsupported dtype).
+    """
+    from libs.atomic_io import atomic_save_safetensors
+    from libs.checkpoint import load_state_dict_file, read_weights_file
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the prefix warning is repeated by load_state_dict_file below
+        config = side_config(read_weights_file(src))
+    state = load_state_dict_file(src)  # dict of tensors, prefixes stripped; BadInput otherwise
+    metadata = dict(FORMAT_METADATA)
+    if config is not None:
+        metadata["config"] = config_json(config)
+    try:
+        atomic_save_safetensors(state, dst, metadata)
+    except ValueError as e:
+        if isinstance(e, BadInput):
+            raise
+        raise BadInput(f"{src}: {e}") from e
+    return metadata
+
+
+def main(argv=None):
+    parser = ArgumentParser(prog="python -m tools.to_safetensors", description=__doc__.splitlines()[0])
+    parser.add_argument("src", help="the torch weights file (.pth / .ckpt)")
+    parser.add_argument("dst", help="the .safetensors file to write")
+    args = parser.parse_args(argv)
+    metadata = convert(args.src, args.dst)
+    print(f"wrote {args.dst}" + (" (config in its metadata)" if "config" in metadata else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
