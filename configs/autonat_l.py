@@ -57,6 +57,7 @@ def get_config():
     t.mask_beta = (12, 3)
     t.label_smoothing = 0.1
     t.log_interval = 50
+    t.log_with = "tensorboard"      # curves in <run folder>/tb/ (tensorboard --logdir output); wandb | none
     t.save_interval = 5000
     t.keep_checkpoints = 2
     t.fid_interval = 0              # steps between FID evaluations; 0 = never during training

@@ -18,6 +18,7 @@ from libs.models.ka_mig import GNN_KINDS
 from libs.sampling.decoding import GUIDANCE_SCHEDULES, ORDERS, parse_guidance_steps
 from libs.sampling.generation import PIXELS, max_sample_seed
 from libs.training.objective import LOSS_AVERAGES, MASK_SCHEDULES
+from libs.training.tracking import LOG_WITH
 
 TRAIN_MODES = ("pretrain", "ka_mig")  # libs.training.trainer.MODE_MODEL (not imported: accelerate is slow to load)
 MIXED_PRECISIONS = ("no", "fp16", "bf16")  # what accelerate runs on CPUs and GPUs alike
@@ -166,6 +167,7 @@ RULES = {
     "train.loss_average": choice(*LOSS_AVERAGES, required=False),
     "train.label_smoothing": probability(),
     "train.log_interval": integer(1),
+    "train.log_with": choice(*LOG_WITH, required=False),
     "train.save_interval": integer(1),
     "train.keep_checkpoints": integer(1),
     "train.fid_interval": integer(0),

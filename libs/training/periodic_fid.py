@@ -13,8 +13,11 @@ from libs.evaluation.inception import FEATURE_DIM, load_feature_extractor
 from libs.models.factory import backbone_config, check_tokenizer_matches, for_sampling, tokenizer_config
 from libs.models.factory import load_tokenizer
 from libs.sampling.decoding import schedule_from_config
-from libs.sampling.generation import class_labels, index_generators, sample_images
+from libs.sampling.generation import class_labels, index_generators, labelled_grid, sample_images
+from libs.training.tracking import log_evaluation
 from libs.training.trainer import append_csv
+
+GRID_IMAGES = 32  # the first samples (balanced classes) in the labelled grid logged at each evaluation
 
 
 def ema_model(trainer):
@@ -45,7 +48,8 @@ def check_periodic_fid_inputs(config):
 
 
 def periodic_fid(trainer, batch_size=50, seed=0, extractor=None):
-    """Rank 0: FID of `train.fid_samples` balanced samples vs `train.fid_ref_stats`; appended to fid.csv."""
+    """Rank 0: FID of `train.fid_samples` balanced samples vs `train.fid_ref_stats`; appended to fid.csv and
+    logged to the run's tracker (FID, IS when computed, a labelled grid of the first samples)."""
     acc, t, config = trainer.accelerator, trainer.config.train, trainer.config
     if acc.is_main_process:
         start = time.time()
@@ -62,8 +66,10 @@ def periodic_fid(trainer, batch_size=50, seed=0, extractor=None):
                                         pixels=config.sample.pixels))
         extractor = extractor or load_feature_extractor(device=device)
         ref = load_reference_stats(t.fid_ref_stats)  # mu/sigma only: FID, no precision/recall here
-        result = compute_metrics(np.concatenate(images), ref, extractor, num_expected=t.fid_samples,
-                                 progress=False)
+        images = np.concatenate(images)  # [fid_samples, H, W, 3] uint8
+        result = compute_metrics(images, ref, extractor, num_expected=t.fid_samples, progress=False)
+        shown = min(GRID_IMAGES, t.fid_samples)
+        log_evaluation(acc, trainer.step, result, labelled_grid(images[:shown], labels[:shown]))
         row = {"step": trainer.step, "fid": result["fid"], "samples": t.fid_samples,
                "seconds": round(time.time() - start, 1)}
         append_csv(Path(trainer.run_dir) / "fid.csv", row)

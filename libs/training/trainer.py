@@ -24,6 +24,7 @@ from libs.folder_lock import FolderLock
 from libs.models.factory import build_model, model_kind
 from libs.training.inputs import input_changes
 from libs.training.objective import make_masked_batch, masked_token_loss, masking_options
+from libs.training.tracking import accelerator_kwargs, end_tracking, log_train, log_with, start_tracking
 
 # ----------------------------------------------------------------------------- model
 
@@ -115,6 +116,7 @@ RESUME_MAY_CHANGE = (
     "output_dir", "run_name",                                    # where the run folder lives
     "train.grad_accum",                                          # how the unchanged global batch is split
     "train.compile",                                             # torch.compile: same weights, float rounding only
+    "train.log_with",                                            # where the curves go (the CSV logs stay)
 )
 # Where the run lives, not how it trains: left out of the config stored in checkpoints, so that the same run
 # in two folders writes byte-identical checkpoints.
@@ -341,7 +343,10 @@ class Trainer:
         t = config.train
         self.config = config
         self.precision = t.mixed_precision
-        self.accelerator = acc = Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available())
+        self.tracking = log_with(config)  # one-line UserError now when its package is missing
+        trackers = accelerator_kwargs(self.tracking, Path(config.output_dir) / config.run_name)
+        self.accelerator = acc = Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available(),
+                                             **trackers)
         enable_fp16_on_cpu(acc)
         self.rank, self.world = acc.process_index, acc.num_processes
         per_step = self.world * t.grad_accum
@@ -675,6 +680,7 @@ class Trainer:
         t, acc = self.config.train, self.accelerator
         start = self.resume()
         self.write_run_files(start)
+        start_tracking(acc, self.tracking, self.run_dir, self.config.run_name, start + 1, config_to_dict(self.config))
         n_params = sum(p.numel() for n, p in self.unwrapped.named_parameters() if n in self.trained_set)
         self.log(f"mode {t.mode}: training {n_params:,} parameters ({len(self.trained_names)} tensors); "
                  f"global batch {t.batch_size} = {self.world} processes x {t.grad_accum} accumulation x "
@@ -694,6 +700,7 @@ class Trainer:
                     tick, tick_step = now, self.step
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
                     self.append_log(stats)
+                    log_train(acc, stats)
                 if self.step % t.save_interval == 0 or self.step == t.n_steps:
                     self.save_checkpoint()
                 if crash_after_step is not None and self.step == crash_after_step:
@@ -702,6 +709,7 @@ class Trainer:
                     eval_fn(self)
         finally:
             bar.close()
+            end_tracking(acc)
         if self.step >= t.n_steps:
             self.check_finite_weights("model_ema.pth")
             if acc.is_main_process:
