@@ -2,7 +2,7 @@
 
     python generate_img.py                                    # KA-MIG, AutoNAT T=8 strategy
     python generate_img.py --model autonat --classes 88 207   # bare backbone
-    python generate_img.py --config configs/ka_maskgit.py --checkpoint <run>/model_ema.pth   # KA-MaskGIT
+    python generate_img.py --config configs/ka_maskgit.py --checkpoint <run>/model_ema.safetensors   # KA-MaskGIT
     python generate_img.py --schedule maskgit --steps 12 --cfg 3 --temp 4.5
     python generate_img.py --edit photo.jpg --mask 64,64,192,192 --class 207           # inpainting
     python generate_img.py --edit photo.jpg --mask outside:64,64,192,192 --class 207   # outpainting

@@ -1,7 +1,7 @@
 """Generate N class-conditional samples (resumable, multi-GPU), pack samples.npz and compute FID.
 
     torchrun --nproc_per_node=8 generate_npz.py --num-samples 50000 --ref-stats assets/VIRTUAL_imagenet256_labeled.npz
-    (--config configs/ka_maskgit.py --checkpoint <run>/model_ema.pth: KA-MaskGIT with the MaskGIT sampler;
+    (--config configs/ka_maskgit.py --checkpoint <run>/model_ema.safetensors: KA-MaskGIT with the MaskGIT sampler;
      --config configs/maskgit.py: the bare MaskGIT)
 
 Each sample index has its own seed, so an interrupted run resumed later gives the same images. Before the

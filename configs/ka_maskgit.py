@@ -5,9 +5,9 @@ No KA-MaskGIT code or checkpoint was released: where the terms enter the post-LN
 (docs/reference.md#ka-on-maskgit). Build the graphs from tokens of MaskGIT's own tokenizer with the same recipes:
 `python extract_imagenet_feature.py --config configs/ka_maskgit.py ...`, then `python -m
 graph_construction.build_graphs --tokens <those tokens> --out graph_prior/maskgit`. Train with
-`train_graph.py --config configs/ka_maskgit.py` (frozen MaskGIT from assets/maskgit_imagenet256.pth; graph modules
+`train_graph.py --config configs/ka_maskgit.py` (frozen MaskGIT from assets/maskgit_imagenet256.safetensors; graph modules
 and head trained), sample with `generate_img.py / generate_npz.py --config configs/ka_maskgit.py --checkpoint
-<run>/model_ema.pth` (the release's sampler: the config's `sample` block).
+<run>/model_ema.safetensors` (the release's sampler: the config's `sample` block).
 """
 from configs import ka_mig_l, maskgit
 
@@ -23,6 +23,6 @@ def get_config():
     config.graph.dir = "graph_prior/maskgit"  # graphs of MaskGIT-tokenizer tokens
     for key in KA_RECIPE:
         config.train[key] = ka.train[key]
-    # train.init_checkpoint stays configs/maskgit.py's assets/maskgit_imagenet256.pth (the frozen backbone);
+    # train.init_checkpoint stays configs/maskgit.py's assets/maskgit_imagenet256.safetensors (the frozen backbone);
     # p_uncond stays 0: the release has no unconditional class
     return config

@@ -1,8 +1,8 @@
 """MaskGIT on ImageNet 256: the official release converted to PyTorch (docs/reference.md#maskgit).
 
 Weights: `python -m tools.convert_maskgit --tokenizer tokenizer_imagenet256_checkpoint --transformer
-maskgit_imagenet256_checkpoint --out assets/` writes `assets/tokenizer_imagenet256.pth` (libs/models/vqgan.py)
-and `assets/maskgit_imagenet256.pth` (libs/models/maskgit.py, built from the `model` block by
+maskgit_imagenet256_checkpoint --out assets/` writes `assets/tokenizer_imagenet256.safetensors` (libs/models/vqgan.py)
+and `assets/maskgit_imagenet256.safetensors` (libs/models/maskgit.py, built from the `model` block by
 `libs.models.maskgit.maskgit_config`). The `sample` block is the release's sampler: cosine schedule, choice
 temperature 4.5 annealed by (1 - t/T), sampling temperature 1, no guidance, 16 steps (its inference default; the
 paper's ImageNet 256 table used 8). `libs.sampling.decoding.generate` runs it with this block
@@ -17,7 +17,7 @@ def get_config():
     config.backbone = "maskgit"  # libs.models.factory builds MaskGIT ('maskgit') or KAMaskGIT ('ka_maskgit')
 
     tok = config.tokenizer  # the same sizes as the MAGE tokenizer: the release's VQGAN
-    tok.checkpoint = "assets/tokenizer_imagenet256.pth"
+    tok.checkpoint = "assets/tokenizer_imagenet256.safetensors"
 
     m = config.model  # MaskGITConfig (field names shared with AutoNATConfig)
     m.codebook_size = 1024
@@ -32,7 +32,7 @@ def get_config():
     m.use_checkpoint = False
 
     t = config.train  # the release's class-conditional training recipe (maskgit_class_cond_config.py)
-    t.init_checkpoint = "assets/maskgit_imagenet256.pth"
+    t.init_checkpoint = "assets/maskgit_imagenet256.safetensors"
     t.n_steps = 2_000_000
     t.batch_size = 256
     t.lr = 1e-4

@@ -314,7 +314,7 @@ def run_models(runner, config, config_file, common, specs, out, p, threads, grap
     entries = []
     for spec in specs:
         gdir = graph_dirs.get(spec.name, p["graphs"])
-        ckpt = out / "runs" / spec.name / "model_ema.pth" if spec.trained else p["backbone"]
+        ckpt = out / "runs" / spec.name / "model_ema.safetensors" if spec.trained else p["backbone"]
         entries.append({"name": spec.name, "label": spec.label, "kind": spec.kind, "checkpoint": str(ckpt),
                         "overrides": spec.overrides(gdir), "spec": asdict(spec)})
         if spec.trained:
@@ -486,7 +486,7 @@ def build_assets(config_file, backbone_config_file, overrides, work, assets, dat
     assets.mkdir(parents=True, exist_ok=True)
     copy_atomic(tokenizer, assets / TOKENIZER_FILE)
     copy_atomic(Path(str(tokenizer) + ".json"), assets / (TOKENIZER_FILE + ".json"))
-    copy_atomic(work / "backbone" / "model_ema.pth", assets / BACKBONE_FILE)
+    copy_atomic(work / "backbone" / "model_ema.safetensors", assets / BACKBONE_FILE)
     copy_atomic(work / "backbone" / "log.csv", assets / "autonat_demo_log.csv")
     files = [TOKENIZER_FILE, BACKBONE_FILE]
     if curve:

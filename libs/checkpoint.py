@@ -1,10 +1,12 @@
 """Checkpoint loading: strict state-dict loading with readable errors, the published assets' names, file hashes."""
 import hashlib
+import json
 import warnings
 from pathlib import Path
 
 import torch
 
+from libs.atomic_io import atomic_save_safetensors
 from libs.errors import BadInput, MissingInput, one_line
 
 README_ASSETS = "README.md, section 'Checkpoints (assets/)'"
@@ -121,6 +123,19 @@ def read_weights_file(path):
         raise BadInput(f"{path}: not a readable weights file ({type(e).__name__}: {one_line(e)[:200]})") from e
 
 
+EXPORT_NAME = "model_ema.safetensors"  # the inference weights a training run exports into its folder
+FORMAT_METADATA = {"format": "pt"}  # what the safetensors / Hugging Face loaders expect of torch weights
+
+
+def save_weights(state: dict, path, config: dict = None) -> Path:
+    """Writes a state dict as .safetensors (weights only), atomically and byte-reproducibly, with `config`
+    (the resolved config that built the model, JSON-able) as JSON text under the metadata key 'config'."""
+    metadata = dict(FORMAT_METADATA)
+    if config is not None:
+        metadata["config"] = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return atomic_save_safetensors(state, path, metadata)
+
+
 def load_state_dict_file(path, key=None) -> dict:
     """Loads a state dict from a .safetensors file or a torch file saved bare or under 'state_dict' (or under
     `key`, e.g. 'ema' of our checkpoints); the format is told by content, not by name.
@@ -138,7 +153,7 @@ def load_state_dict_file(path, key=None) -> dict:
         hint = ""
         if isinstance(obj, dict) and TRAINING_CHECKPOINT_KEYS <= set(obj):
             hint = (" (it is a train_graph.py training checkpoint, which holds only the trained tensors: use the "
-                    "run folder's model_ema.pth)")
+                    "run folder's model_ema.safetensors)")
         raise BadInput(f"{path}: not a state dict (expected a dict of tensors, bare or under 'state_dict'){hint}")
     obj, stripped = strip_wrapper_prefixes(obj)
     _warn_stripped(path, stripped)

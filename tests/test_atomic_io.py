@@ -123,7 +123,7 @@ def test_stale_temps_of_dead_processes_go_live_ones_and_other_targets_stay(tmp_p
 
 
 def test_temp_name_is_deterministic(tmp_path):
-    assert temp_path(tmp_path / "model_ema.pth").name == f".model_ema.pth.{os.getpid()}.tmp"
+    assert temp_path(tmp_path / "model_ema.safetensors").name == f".model_ema.safetensors.{os.getpid()}.tmp"
 
 
 # ----------------------------------------------------------------------------- full disk

@@ -65,5 +65,5 @@ def test_mismatch_lists_missing_and_unexpected_side_by_side():
 
 def test_training_checkpoint_is_named_as_such(tmp_path):
     torch.save({"model": {"a": torch.ones(1)}, "ema": {}, "optimizer": {}, "step": 3}, tmp_path / "step.pt")
-    with pytest.raises(BadInput, match="model_ema.pth"):
+    with pytest.raises(BadInput, match="model_ema.safetensors"):
         load_state_dict_file(tmp_path / "step.pt")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from PIL import Image
 
 from demo import procedural_data as demo_data
@@ -232,7 +233,7 @@ def test_control_is_ka_mig_without_graphs_and_trains_only_the_head(tmp_path):
     trainer.fit()
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed and all(n.startswith("mlm_layer.") for n in changed)
-    assert (tmp_path / "out" / config.run_name / "model_ema.pth").is_file()
+    assert (tmp_path / "out" / config.run_name / "model_ema.safetensors").is_file()
 
 
 def test_model_specs_give_the_graph_switches():
@@ -440,9 +441,9 @@ def test_demo_smoke_run_writes_every_artifact(tmp_path):
         assert (out / "graphs" / name).is_file()
     # the control and KA-MIG trained the same way
     for run in ("control", "ka_mig"):
-        assert (out / "runs" / run / "model_ema.pth").is_file()
+        assert (out / "runs" / run / "model_ema.safetensors").is_file()
         assert len((out / "runs" / run / "log.csv").read_text().splitlines()) == 1 + config.train.n_steps
-    control = torch.load(out / "runs" / "control" / "model_ema.pth", weights_only=True)
+    control = load_file(out / "runs" / "control" / "model_ema.safetensors")
     assert not any(k.startswith("graph_layer.") for k in control)
     # NLL of the three models on the same held-out tokens
     with np.load(out / "nll.npz") as z:

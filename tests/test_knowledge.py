@@ -264,7 +264,7 @@ def test_tiny_ka_maskgit_trains_with_train_graph_and_samples_with_generate_img(t
                              f"--config.train.init_checkpoint={tmp_path / 'maskgit.pth'}",
                              f"--config.output_dir={tmp_path / 'runs'}", "--config.train.n_steps=2",
                              "--config.train.batch_size=8", "--config.train.log_interval=1"]) == 0
-    exported = tmp_path / "runs" / "tiny_ka_maskgit" / "model_ema.pth"
+    exported = tmp_path / "runs" / "tiny_ka_maskgit" / "model_ema.safetensors"
     state = load_state_dict_file(exported)
     load_strict(KAMaskGIT(backbone.cfg, GraphConfig(), tiny_graphs()), state)  # the export loads strictly
     for name, value in backbone.state_dict().items():  # the backbone stayed frozen, the head trained

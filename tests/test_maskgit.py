@@ -1,5 +1,6 @@
 """MaskGIT equals the official JAX/Flax release: converted fixture checkpoints reproduce its logits, token ids,
 pixels and decodes (tests/fixtures/maskgit/, made by tools/make_maskgit_fixtures.py; no JAX needed here)."""
+import json
 import math
 import struct
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from libs.checkpoint import load_state_dict_file, load_strict
+from libs.checkpoint import load_state_dict_file, load_strict, weights_format, weights_metadata
 from libs.cli import run_main
 from libs.config import load_config_file
 from libs.models.factory import tokenizer_config
@@ -44,7 +45,7 @@ def converted(tmp_path_factory):
         run_main(convert_maskgit.main, ["--tokenizer", str(TOKENIZER), "--transformer", str(TRANSFORMER),
                                         "--out", str(out), "--resolution", "8"])
     assert done.value.code == 0
-    return {"tokenizer": out / "tokenizer_tiny.pth", "transformer": out / "transformer_tiny.pth"}
+    return {"tokenizer": out / "tokenizer_tiny.safetensors", "transformer": out / "transformer_tiny.safetensors"}
 
 
 @pytest.fixture(scope="module")
@@ -275,11 +276,13 @@ def convert_error(capsys, *args):
 
 def test_converter_writes_loadable_state_dicts(converted):
     state = load_state_dict_file(converted["transformer"])
-    assert list(state)[:3] == ["embed.word_embeddings.weight", "embed.position_embeddings.weight",
-                               "embed.embeddings_ln.weight"]
+    assert weights_format(converted["transformer"]) == "safetensors"  # weights only, no pickle
+    config = json.loads(weights_metadata(converted["transformer"])["config"])["model"]
+    assert set(state) == set(MaskGIT(MaskGITConfig(**config)).state_dict())  # the config in it builds the model
+    assert json.loads(weights_metadata(converted["tokenizer"])["config"])["tokenizer"]["resolution"] == 8
     assert state["layers.0.attention.query.weight"].shape == (64, 64)
-    assert converted["tokenizer"].name == "tokenizer_tiny.pth"
-    assert convert_maskgit.output_name(Path("x/maskgit_imagenet256_checkpoint")) == "maskgit_imagenet256.pth"
+    assert converted["tokenizer"].name == "tokenizer_tiny.safetensors"
+    assert convert_maskgit.output_name(Path("x/maskgit_imagenet256_checkpoint")) == "maskgit_imagenet256.safetensors"
 
 
 def test_converter_missing_truncated_and_foreign_files(capsys, tmp_path, converted):

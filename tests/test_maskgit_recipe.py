@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from libs.config import load_config_file
 from libs.models.maskgit import MaskGIT, MaskGITConfig
@@ -137,4 +138,4 @@ def test_tiny_maskgit_pretrains_with_the_recipe_through_train_graph(tmp_path):
     assert no_decay["weight_decay"] == 0.0
     model = MaskGIT(MaskGITConfig(**config["model"]))
     assert len(state["trained_params"]) == len(list(model.parameters()))  # the whole backbone trains
-    model.load_state_dict(torch.load(run / "model_ema.pth", weights_only=True), strict=True)
+    model.load_state_dict(load_file(run / "model_ema.safetensors"), strict=True)

@@ -1,7 +1,5 @@
 """.safetensors weights: the writer, loading by content beside torch files, and tools.to_safetensors."""
 import json
-import subprocess
-import sys
 
 import pytest
 import safetensors.torch
@@ -10,6 +8,7 @@ from ml_collections import ConfigDict
 
 from libs.atomic_io import atomic_save_safetensors, safetensors_bytes
 from libs.checkpoint import load_state_dict_file, load_strict, weights_format, weights_metadata
+from libs.cli import run_main
 from libs.errors import BadInput, MissingInput
 from libs.models.factory import load_tokenizer
 from tests.helpers import tiny_backbone, tiny_vqgan
@@ -96,20 +95,16 @@ def test_to_safetensors_converts_and_is_byte_reproducible(tmp_path, capsys):
     assert same_state(load_state_dict_file(tmp_path / "nnet_ema.safetensors"), backbone.state_dict())
 
 
-def run_tool(*args):
-    return subprocess.run([sys.executable, "-m", "tools.to_safetensors", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_to_safetensors_bad_input_is_one_line(tmp_path):
+def test_to_safetensors_bad_input_is_one_line(tmp_path, capsys):
     torch.save({"w": torch.ones(2), "step": 3}, tmp_path / "mixed.pth")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     cases = {tmp_path / "absent.pth": "checkpoint not found",
              tmp_path / "notes.txt": "not a readable weights file",
              tmp_path / "mixed.pth": "not a state dict"}
     for src, message in cases.items():
-        result = run_tool(src, tmp_path / "out.safetensors")
-        assert result.returncode == 2, result.stderr
-        lines = result.stderr.strip().splitlines()
+        with pytest.raises(SystemExit) as exit_status:
+            run_main(to_safetensors, [str(src), str(tmp_path / "out.safetensors")])
+        assert exit_status.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0] and str(src) in lines[0]
     assert not (tmp_path / "out.safetensors").exists()

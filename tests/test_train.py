@@ -1,4 +1,5 @@
 """Training: frozen backbone in ka_mig mode, exact resume, loss goes down, 2-process torchrun + kill."""
+import json
 import os
 import subprocess
 import sys
@@ -7,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from libs.models.ka_mig import GraphConfig, KAMIG
-from libs.checkpoint import load_state_dict_file, load_strict
-from libs.training.trainer import Trainer, init_model
+from libs.checkpoint import load_state_dict_file, load_strict, weights_format, weights_metadata
+from libs.training.trainer import Trainer, init_model, stored_config
 from tests.helpers import (ka_mig_trainer, synthetic_tokens, tiny_backbone, tiny_config, tiny_graphs, tiny_vqgan,
                            write_reference_stats, write_training_token_dir)
 
@@ -34,9 +36,13 @@ def test_ka_mig_mode_trains_only_graph_modules_and_head(tmp_path):
     changed = [n for n, p in model.named_parameters() if n.startswith("graph_layer.zero_convs.")
                and p.abs().sum() > 0]
     assert changed  # the zero convs did move
-    exported = load_state_dict_file(trainer.run_dir / "model_ema.pth")
+    exported = load_state_dict_file(trainer.run_dir / "model_ema.safetensors")
     fresh = KAMIG(model.cfg, GraphConfig(), tiny_graphs())
     load_strict(fresh, exported)  # the export loads strictly, like graph_nnet_ema.pth
+    assert weights_format(trainer.run_dir / "model_ema.safetensors") == "safetensors"  # weights only, no pickle
+    config = json.loads(weights_metadata(trainer.run_dir / "model_ema.safetensors")["config"])
+    assert config == stored_config(trainer.config)  # the config that built it
+    assert config["train"]["n_steps"] == 3 and "graph" in config
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -104,16 +110,22 @@ def test_two_process_torchrun_killed_and_resumed_matches_uninterrupted(tmp_path)
     assert "2 processes" in full.stdout + full.stderr
     crashed = run_torchrun(tmp_path, data, tmp_path / "resumed", ["--crash-after-step=3"])
     assert crashed.returncode != 0
-    assert not (tmp_path / "resumed" / "tiny" / "model_ema.pth").exists()
+    assert not (tmp_path / "resumed" / "tiny" / "model_ema.safetensors").exists()
     resumed = run_torchrun(tmp_path, data, tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
-    a = torch.load(tmp_path / "full" / "tiny" / "model_ema.pth")
-    b = torch.load(tmp_path / "resumed" / "tiny" / "model_ema.pth")
+    a = load_file(tmp_path / "full" / "tiny" / "model_ema.safetensors")
+    b = load_file(tmp_path / "resumed" / "tiny" / "model_ema.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ca = torch.load(tmp_path / "full" / "tiny" / "checkpoints" / "step_0000006.pt", weights_only=False)
     cb = torch.load(tmp_path / "resumed" / "tiny" / "checkpoints" / "step_0000006.pt", weights_only=False)
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    from tests.test_tracking import curves  # TensorBoard: rank 0 alone writes, one event file per segment
+    for run, segments in (("full", 1), ("resumed", 2)):
+        assert len(list((tmp_path / run / "tiny" / "tb").glob("events.out.tfevents.*"))) == segments, run
+    full_tb, resumed_tb = curves(tmp_path / "full" / "tiny"), curves(tmp_path / "resumed" / "tiny")
+    assert {k: [s for s, _ in v] for k, v in full_tb.items()} == {k: [s for s, _ in v] for k, v in resumed_tb.items()}
+    assert [s for s, _ in full_tb["train/loss"]] == [5, 6] and full_tb["train/loss"] == resumed_tb["train/loss"]
 
 
 def test_periodic_fid_is_logged_and_never_stored_in_checkpoints(tmp_path, fid_extractor):

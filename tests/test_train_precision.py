@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
@@ -99,12 +100,12 @@ def test_train_graph_in_mixed_precision_on_cpu_resumes_to_the_same_bytes(tmp_pat
     assert "resumed from" in out and "step 2" in out and f"mixed precision {precision}" in out
     monkeypatch.delenv(train_graph.PRECISION_ENV)
     full, cut = tmp_path / "full" / "tiny", tmp_path / "cut" / "tiny"
-    for name in ("checkpoints/step_0000004.pt", "model_ema.pth"):
+    for name in ("checkpoints/step_0000004.pt", "model_ema.safetensors"):
         assert sha256(full / name) == sha256(cut / name), name
     AcceleratorState._reset_state()
     train_graph.main(cli_args(tmp_path, data, "fp32", 4, "no"))
-    low = torch.load(full / "model_ema.pth", weights_only=True)
-    fp32 = torch.load(tmp_path / "fp32" / "tiny" / "model_ema.pth", weights_only=True)
+    low = load_file(full / "model_ema.safetensors")
+    fp32 = load_file(tmp_path / "fp32" / "tiny" / "model_ema.safetensors")
     # autocast did change the arithmetic (fp16 once fell back to float32 on a CPU: equal weights) ...
     assert any(not torch.equal(low[k], fp32[k]) for k in fp32)
     # ... by the rounding of the low precision only
@@ -195,7 +196,7 @@ def test_fp16_resume_after_an_overflow_gives_the_same_bytes(tmp_path):
     resumed.fit()
     assert resumed.skipped_total == 1  # the count came back from the checkpoint
     full, cut = tmp_path / "full" / "out" / "tiny", tmp_path / "cut" / "out" / "tiny"
-    for name in ("checkpoints/step_0000006.pt", "model_ema.pth"):
+    for name in ("checkpoints/step_0000006.pt", "model_ema.safetensors"):
         assert sha256(full / name) == sha256(cut / name), name
     state = torch.load(full / "checkpoints" / "step_0000006.pt", weights_only=True)
     assert state["skipped_steps"] == {"total": 1, "in_a_row": 0}

@@ -5,6 +5,7 @@ import hashlib
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from accelerate.optimizer import AcceleratedOptimizer
 
 import train_graph
@@ -56,7 +57,7 @@ def test_nan_loss_stops_keeps_the_finite_checkpoint_and_writes_nothing_non_finit
     assert [p.name for p in list_checkpoints(run.ckpt_dir)] == ["step_0000010.pt"]
     state = torch.load(run.ckpt_dir / "step_0000010.pt", weights_only=True)
     assert all_finite(state["model"]) and all_finite(state["ema"])
-    assert not (run.run_dir / "model_ema.pth").exists()
+    assert not (run.run_dir / "model_ema.safetensors").exists()
 
 
 def test_a_non_finite_loss_is_never_applied(tmp_path, monkeypatch):
@@ -100,7 +101,7 @@ def test_train_graph_exits_1_with_one_line_on_divergence_and_2_on_user_errors(tm
     assert exit_.value.code == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "non-finite" in err[0] and "step " in err[0]
-    assert not (tmp_path / "out" / "tiny" / "model_ema.pth").exists()
+    assert not (tmp_path / "out" / "tiny" / "model_ema.safetensors").exists()
 
     for bad, expected in (([f"--config.data.path={tmp_path / 'nowhere'}"], "token dataset not found"),
                           (["--config.model.seq_len=9"], "tokens per image")):
@@ -139,7 +140,7 @@ def test_fp16_overflow_skips_are_counted_and_logged(tmp_path):
     assert [int(r["skipped_steps"]) for r in rows] == [0, 0, 1, 1, 2, 3, 3, 3]
     state = torch.load(run.ckpt_dir / "step_0000008.pt", weights_only=True)
     assert state["skipped_steps"] == {"total": 3, "in_a_row": 0} and state["scaler"] is not None
-    assert all_finite(torch.load(run.run_dir / "model_ema.pth", weights_only=True))
+    assert all_finite(load_file(run.run_dir / "model_ema.safetensors"))
 
 
 def test_fp16_stops_when_the_scaler_gives_up(tmp_path):
@@ -269,7 +270,7 @@ def test_checkpoints_and_ema_are_byte_identical_across_runs_and_resumes(tmp_path
     resumed = ka_mig(tmp_path / "c")
     resumed.fit()
     runs["resumed"] = resumed.run_dir
-    for f in ("checkpoints/step_0000003.pt", "checkpoints/step_0000006.pt", "model_ema.pth"):
+    for f in ("checkpoints/step_0000003.pt", "checkpoints/step_0000006.pt", "model_ema.safetensors"):
         digests = {name: sha256(d / f) for name, d in runs.items()}
         assert len(set(digests.values())) == 1, (f, digests)
 

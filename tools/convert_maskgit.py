@@ -4,8 +4,9 @@
                                     --transformer maskgit_imagenet256_checkpoint --out assets/
 
 Either flag may be given alone (`--codebook-size` then tells the transformer's K when no tokenizer is given).
-Each input `<name>[_checkpoint]` becomes `<out>/<name>.pth`: a bare state dict for `libs.models.vqgan.VQGAN`
-(tokenizer) or `libs.models.maskgit.MaskGIT` (transformer), in the model's key order. The sizes are read from the
+Each input `<name>[_checkpoint]` becomes `<out>/<name>.safetensors`: the state dict (weights only) of
+`libs.models.vqgan.VQGAN` (tokenizer) or `libs.models.maskgit.MaskGIT` (transformer), with the model's config
+(JSON) under the metadata key 'config'. The sizes are read from the
 tensors and printed; they must match the config used to load the file (configs/maskgit.py for the release).
 
 The files are what `flax.serialization.to_bytes` writes: msgpack maps of maps whose leaves are msgpack
@@ -31,13 +32,14 @@ A missing file raises MissingInput, an unreadable, truncated or foreign one BadI
 """
 import re
 from collections import OrderedDict
+from dataclasses import asdict
 from pathlib import Path
 
 import msgpack
 import numpy as np
 import torch
 
-from libs.checkpoint import load_strict
+from libs.checkpoint import load_strict, save_weights
 from libs.cli import ArgumentParser, check_writable, run_main
 from libs.errors import BadInput, MissingInput, one_line
 from libs.models.maskgit import MaskGIT, MaskGITConfig
@@ -287,9 +289,9 @@ def strict_state(model: torch.nn.Module, state: dict, foreign: list, source) -> 
 
 
 def output_name(path: Path) -> str:
-    """`<name>.pth` of an input `<name>[_checkpoint][.msgpack]`."""
+    """`<name>.safetensors` of an input `<name>[_checkpoint][.msgpack]`."""
     stem = path.name[: -len(".msgpack")] if path.name.endswith(".msgpack") else path.name
-    return (stem[: -len("_checkpoint")] if stem.endswith("_checkpoint") else stem) + ".pth"
+    return (stem[: -len("_checkpoint")] if stem.endswith("_checkpoint") else stem) + ".safetensors"
 
 
 def main(argv=None):
@@ -308,17 +310,16 @@ def main(argv=None):
         parser.error("give --tokenizer and/or --transformer")
     check_writable(folders=[args.out])
     codebook_size = args.codebook_size
-    from libs.atomic_io import atomic_torch_save
     if args.tokenizer is not None:
         params = read_flax_msgpack(args.tokenizer, "the MaskGIT VQGAN tokenizer (--tokenizer)")
         state, cfg = convert_tokenizer(params, args.resolution, source=args.tokenizer)
         codebook_size = cfg.codebook_size
-        target = atomic_torch_save(state, args.out / output_name(args.tokenizer))
+        target = save_weights(state, args.out / output_name(args.tokenizer), {"tokenizer": asdict(cfg)})
         print(f"wrote {target}: VQGAN {cfg}")
     if args.transformer is not None:
         params = read_flax_msgpack(args.transformer, "the MaskGIT transformer (--transformer)")
         state, cfg = convert_transformer(params, codebook_size, source=args.transformer)
-        target = atomic_torch_save(state, args.out / output_name(args.transformer))
+        target = save_weights(state, args.out / output_name(args.transformer), {"model": asdict(cfg)})
         print(f"wrote {target}: MaskGIT {cfg} ({sum(t.numel() for t in state.values()):,} parameters)")
     return 0
 

@@ -12,9 +12,6 @@ import warnings
 from libs.cli import ArgumentParser, run_main
 from libs.errors import BadInput
 
-FORMAT_METADATA = {"format": "pt"}  # what the safetensors / Hugging Face loaders expect of torch weights
-
-
 def side_config(obj):
     """The entries stored beside 'state_dict' in a loaded torch file, or None when there are none."""
     if not (isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)):
@@ -36,22 +33,20 @@ def convert(src, dst) -> dict:
 
     Raises MissingInput (no `src`), BadInput (not a weights file, non-tensor entries, an unsupported dtype).
     """
-    from libs.atomic_io import atomic_save_safetensors
-    from libs.checkpoint import load_state_dict_file, read_weights_file
+    from libs.checkpoint import load_state_dict_file, read_weights_file, save_weights, weights_metadata
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the prefix warning is repeated by load_state_dict_file below
         config = side_config(read_weights_file(src))
     state = load_state_dict_file(src)  # dict of tensors, prefixes stripped; BadInput otherwise
-    metadata = dict(FORMAT_METADATA)
     if config is not None:
-        metadata["config"] = config_json(config)
+        config_json(config)  # BadInput for values JSON cannot hold
     try:
-        atomic_save_safetensors(state, dst, metadata)
+        save_weights(state, dst, config)
     except ValueError as e:
         if isinstance(e, BadInput):
             raise
         raise BadInput(f"{src}: {e}") from e
-    return metadata
+    return weights_metadata(dst)
 
 
 def main(argv=None):

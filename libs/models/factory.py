@@ -21,8 +21,8 @@ MODEL_KINDS = ("ka_mig", "autonat", "ka_maskgit", "maskgit")
 GRAPH_KINDS = ("ka_mig", "ka_maskgit")  # the kinds that read config.graph and its graph files
 BACKBONE_KINDS = {"autonat": ("autonat", "ka_mig"), "maskgit": ("maskgit", "ka_maskgit")}  # (bare, with graphs)
 DEFAULT_CHECKPOINTS = {"ka_mig": "assets/graph_nnet_ema.pth", "autonat": "assets/nnet_ema.pth",
-                       "maskgit": "assets/maskgit_imagenet256.pth",  # python -m tools.convert_maskgit
-                       "ka_maskgit": "assets/ka_maskgit_ema.pth"}  # none released: train_graph.py's model_ema.pth
+                       "maskgit": "assets/maskgit_imagenet256.safetensors",  # python -m tools.convert_maskgit
+                       "ka_maskgit": "assets/ka_maskgit_ema.safetensors"}  # none released: a run's model_ema.safetensors
 
 
 def tokenizer_config(tok_cfg) -> VQGANConfig:

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from libs.atomic_io import append_lines, atomic_torch_save, atomic_write_json, atomic_write_text, clean_stale_temps
-from libs.checkpoint import load_state_dict_file, load_strict
+from libs.checkpoint import EXPORT_NAME, load_state_dict_file, load_strict, save_weights
 from libs.cli import check_writable
 from libs.config import config_to_dict, flatten_config
 from libs.distributed import verdict_on_main
@@ -711,10 +711,10 @@ class Trainer:
             bar.close()
             end_tracking(acc)
         if self.step >= t.n_steps:
-            self.check_finite_weights("model_ema.pth")
+            self.check_finite_weights(EXPORT_NAME)
             if acc.is_main_process:
-                path = self.run_dir / "model_ema.pth"
-                atomic_torch_save(self.export_ema(), path)
+                path = self.run_dir / EXPORT_NAME
+                save_weights(self.export_ema(), path, stored_config(self.config))  # .safetensors, config inside
                 self.log(f"wrote EMA weights {path}")
         acc.wait_for_everyone()
         return self.step
