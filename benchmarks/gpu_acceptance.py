@@ -17,7 +17,12 @@ the released G_co / G_s and random G_p), each against a limit:
   - sampling throughput (libs.sampling.decoding.generate, T=8 AutoNAT strategy, batch 125 with guidance, bf16) of
     AutoNAT-L and KA-MIG, eager and compiled; tokenizer encode (64 images + flips) and decode (125) throughput;
   - the peak memory that benchmarks.memory estimates for training, pretraining, sampling and tokenizing against
-    the peak measured (torch.cuda.max_memory_allocated over the run), within 10%.
+    the peak measured (torch.cuda.max_memory_allocated over the run), within 10%;
+  - the second host, MaskGIT (configs/ka_maskgit.py: MaskGIT and KA-MaskGIT, same random backbone weights): device
+    against CPU and autocast against fp32 for the logits of MaskGIT, KA-MaskGIT's forward and its FusionCache; 20
+    KA-MaskGIT training steps in fp16 at 300 and 3 MaskGIT pretraining steps at 256 (the release's objective);
+    sampling throughput (the config's T=16 cosine schedule, batch 125, bf16) of both and the memory estimates of
+    the three.
 Writes <out>/gpu_acceptance.json and <out>/gpu_acceptance.md (a Markdown table for benchmarks/RESULTS.md) and exits
 with status 1 if any check fails. Without a CUDA GPU it refuses in one line (exit status 2).
 
@@ -45,12 +50,14 @@ from libs.data.tokens import encode_images
 from libs.errors import UserError
 from libs.models.autonat import AutoNAT
 from libs.models.factory import backbone_config, for_sampling, graph_config, tokenizer_config
+from libs.models.ka_maskgit import KAMaskGIT
 from libs.models.ka_mig import KAMIG
+from libs.models.maskgit import MaskGIT, maskgit_config
 from libs.models.vqgan import VQGAN
 from libs.sampling.decoding import generate, schedule_from_config
 from libs.sampling.generation import (PRECISIONS, class_labels, compile_token_model, index_generators,
                                       sample_images)
-from libs.training.trainer import Trainer
+from libs.training.trainer import Trainer, mode_kind
 
 REPO = Path(__file__).resolve().parents[1]
 FP32_TOLERANCE = 1e-4     # device vs CPU and compiled vs eager, fp32
@@ -72,12 +79,14 @@ class Sizes:
     decode_batch: int
     logits_batch: int
     repeats: int
+    maskgit_config: str = "configs/ka_maskgit.py"  # the MaskGIT host's models (with its graph block)
 
 
 REAL = Sizes("configs/ka_mig_l.py", train_batch=300, train_steps=20, pretrain_batch=256, pretrain_steps=3,
              sample_batch=125, encode_batch=64, decode_batch=125, logits_batch=2, repeats=3)
 TINY = Sizes("configs/tiny.py", train_batch=16, train_steps=3, pretrain_batch=16, pretrain_steps=2,
-             sample_batch=8, encode_batch=4, decode_batch=8, logits_batch=16, repeats=1)  # 16 = 2 x 8: one compile
+             sample_batch=8, encode_batch=4, decode_batch=8, logits_batch=16, repeats=1,  # 16 = 2 x 8: one compile
+             maskgit_config="configs/tiny_ka_maskgit.py")
 
 
 class Report:
@@ -207,14 +216,15 @@ def check_memory(report: Report, name: str, estimated: int, measured: dict):
 # ----------------------------------------------------------------------------- models
 
 
-def load(sizes: Sizes):
-    return load_config_file(REPO / sizes.config)
+def load(sizes: Sizes, backbone: str = "autonat"):
+    """The config of the AutoNAT host's models (sizes.config) or the MaskGIT host's (sizes.maskgit_config)."""
+    return load_config_file(REPO / (sizes.maskgit_config if backbone == "maskgit" else sizes.config))
 
 
 def build_models(config, kinds=("tokenizer", "autonat", "ka_mig"), seed: int = 0) -> dict:
     """CPU models with seeded random weights: 'tokenizer', 'autonat', and 'ka_mig' (the same backbone weights as
     'autonat': same seed, same initialisation order; non-zero graph modules and a random G_p, so every graph term
-    counts)."""
+    counts); likewise 'maskgit' and 'ka_maskgit' for a MaskGIT config."""
     models = {}
     if "tokenizer" in kinds:
         torch.manual_seed(seed)
@@ -223,24 +233,38 @@ def build_models(config, kinds=("tokenizer", "autonat", "ka_mig"), seed: int = 0
         torch.manual_seed(seed + 1)
         models["autonat"] = AutoNAT(backbone_config(config.model))
     if "ka_mig" in kinds:
-        g = torch.Generator().manual_seed(seed + 2)
-        graphs = memory.graphs_for(config, "cpu")
-        if "incompat" in graphs:
-            graphs["incompat"] = torch.randint(0, 256, graphs["incompat"].shape, generator=g, dtype=torch.uint8)
+        models["ka_mig"] = with_random_graphs(KAMIG, backbone_config(config.model), config, seed)
+    if "maskgit" in kinds:
         torch.manual_seed(seed + 1)
-        models["ka_mig"] = ka_mig = KAMIG(backbone_config(config.model), graph_config(config.graph), graphs)
-        with torch.no_grad():
-            for p in ka_mig.graph_layer.parameters():
-                p.normal_(0, 0.02, generator=g)
+        models["maskgit"] = MaskGIT(maskgit_config(config.model))
+    if "ka_maskgit" in kinds:
+        models["ka_maskgit"] = with_random_graphs(KAMaskGIT, maskgit_config(config.model), config, seed)
     return {k: m.eval().requires_grad_(False) for k, m in models.items()}
 
 
-def token_inputs(config, batch: int, seed: int = 0):
-    """Ids [B,L] with about half the places [MASK], and class ids [B] including the null class."""
+def with_random_graphs(host, sizes, config, seed: int):
+    """host(sizes) with the graphs of memory.graphs_for (a random G_p) and N(0, 0.02) graph modules; its backbone
+    weights are those of the bare backbone built after torch.manual_seed(seed + 1)."""
+    g = torch.Generator().manual_seed(seed + 2)
+    graphs = memory.graphs_for(config, "cpu")
+    if "incompat" in graphs:
+        graphs["incompat"] = torch.randint(0, 256, graphs["incompat"].shape, generator=g, dtype=torch.uint8)
+    torch.manual_seed(seed + 1)
+    model = host(sizes, graph_config(config.graph), graphs)
+    with torch.no_grad():
+        for p in model.graph_layer.parameters():
+            p.normal_(0, 0.02, generator=g)
+    return model
+
+
+def token_inputs(config, batch: int, seed: int = 0, mask_token_id: int = None):
+    """Ids [B,L] with about half the places [MASK] (default K, AutoNAT's id), and class ids [B] including the
+    null class."""
     m = config.model
+    mask = m.codebook_size if mask_token_id is None else mask_token_id
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, m.codebook_size, (batch, m.seq_len), generator=g)
-    ids = torch.where(torch.rand(batch, m.seq_len, generator=g) < 0.5, torch.full_like(ids, m.codebook_size), ids)
+    ids = torch.where(torch.rand(batch, m.seq_len, generator=g) < 0.5, torch.full_like(ids, mask), ids)
     cls = torch.arange(batch) % (m.num_classes + 1)
     return ids, cls
 
@@ -249,6 +273,12 @@ def token_calls(models: dict) -> dict:
     """{name: callable (ids, cls) -> logits} of the token models: AutoNAT, KA-MIG's forward, KA-MIG's FusionCache."""
     return {"AutoNAT": models["autonat"], "KA-MIG forward": models["ka_mig"],
             "KA-MIG sampler (FusionCache)": for_sampling(models["ka_mig"])}
+
+
+def maskgit_calls(models: dict) -> dict:
+    """token_calls of the MaskGIT host: MaskGIT, KA-MaskGIT's forward, KA-MaskGIT's FusionCache."""
+    return {"MaskGIT": models["maskgit"], "KA-MaskGIT forward": models["ka_maskgit"],
+            "KA-MaskGIT sampler (FusionCache)": for_sampling(models["ka_maskgit"])}
 
 
 def to_device(models: dict, device) -> dict:
@@ -314,19 +344,25 @@ def training_config(config, mode: str, batch: int, steps: int, out_dir):
     return config
 
 
-def check_training(report: Report, sizes: Sizes, device, mode: str, batch: int, steps: int):
-    """`steps` Trainer steps of `mode` (fp16) at `batch`: images/s, skipped steps, finite losses, peak memory
-    against benchmarks.memory's estimate."""
-    name = "KA-MIG training" if mode == "ka_mig" else "AutoNAT-L pretraining" if sizes is REAL else "pretraining"
+def training_name(sizes: Sizes, mode: str, backbone: str) -> str:
+    if backbone == "maskgit":
+        return "KA-MaskGIT training" if mode == "ka_mig" else "MaskGIT pretraining"
+    return "KA-MIG training" if mode == "ka_mig" else "AutoNAT-L pretraining" if sizes is REAL else "pretraining"
+
+
+def check_training(report: Report, sizes: Sizes, device, mode: str, batch: int, steps: int, backbone="autonat"):
+    """`steps` Trainer steps of `mode` (fp16) at `batch` on the AutoNAT or MaskGIT host (`backbone`; the config's
+    objective): images/s, skipped steps, finite losses, peak memory against benchmarks.memory's estimate."""
+    name = training_name(sizes, mode, backbone)
     with tempfile.TemporaryDirectory() as out:
-        config = training_config(load(sizes), mode, batch, steps, out)
+        config = training_config(load(sizes, backbone), mode, batch, steps, out)
         m = config.model
         g = np.random.default_rng(0)
         tokens = g.integers(0, m.codebook_size, (batch * steps, m.seq_len)).astype(np.uint16)
         labels = np.arange(batch * steps) % m.num_classes
         measured, losses, times = {}, [], []
         with peak_memory(device, measured):
-            kind = "ka_mig" if mode == "ka_mig" else "autonat"
+            kind = mode_kind(config)  # 'ka_mig' / 'autonat', 'ka_maskgit' / 'maskgit'
             model = build_models(config, (kind,))[kind].requires_grad_(True).train()
             trainer = Trainer(config, tokens, labels, model=model)
             for _ in range(steps):
@@ -346,7 +382,7 @@ def check_training(report: Report, sizes: Sizes, device, mode: str, batch: int, 
         if mode == "ka_mig":
             report.check(f"{name}: steps skipped by the fp16 loss scaler", skipped, min(MAX_SKIPPED, steps - 1),
                          "steps", f"of {steps}")
-        estimate_config = training_config(load(sizes), mode, batch, 1, out)
+        estimate_config = training_config(load(sizes, backbone), mode, batch, 1, out)
         check_memory(report, f"{name}, batch {batch}", estimated_peak(memory.training, estimate_config, batch, device),
                      measured)
     free(device)
@@ -407,6 +443,53 @@ def check_tokenizer(report: Report, dev_models: dict, config, sizes: Sizes, devi
                  estimated_peak(memory.tokenizing, config, sizes.encode_batch, device), measured)
 
 
+@torch.no_grad()
+def check_maskgit(report: Report, sizes: Sizes, device):
+    """The MaskGIT host (sizes.maskgit_config): logits of MaskGIT, KA-MaskGIT's forward and its FusionCache on
+    the device against the CPU (fp32) and under bf16 / fp16 autocast against fp32; sampling images/s (the config's
+    schedule, bf16) of MaskGIT and KA-MaskGIT, and the peak memory of KA-MaskGIT's sample_images against the
+    estimate."""
+    config = load(sizes, "maskgit")
+    models = build_models(config, ("maskgit", "ka_maskgit"))
+    dev_models = to_device(models, device)
+    mask_id = models["maskgit"].mask_token_id
+    ids, cls = token_inputs(config, sizes.logits_batch, mask_token_id=mask_id)
+    for name in maskgit_calls(models):
+        with exact_fp32():
+            ref = maskgit_calls(dev_models)[name](ids.to(device), cls.to(device)).float()
+            cpu = maskgit_calls(models)[name](ids, cls)
+        report.check(f"{device.type} vs cpu, fp32: {name} logits", max_difference(ref, cpu, relative=True),
+                     FP32_TOLERANCE)
+        for precision, limit in AUTOCAST_TOLERANCE.items():
+            with torch.autocast(device.type, dtype=PRECISIONS[precision]):
+                low = maskgit_calls(dev_models)[name](ids.to(device), cls.to(device))
+            report.check(f"{precision} vs fp32 on {device.type}: {name} logits", max_difference(low, ref), limit,
+                         note=f"largest |logit| {float(ref.abs().max()):.3g}")
+    schedule, B = schedule_from_config(config.sample), sizes.sample_batch
+    labels = torch.from_numpy(class_labels(B, config.model.num_classes)).long().to(device)
+    for name in ("MaskGIT", "KA-MaskGIT sampler (FusionCache)"):
+        model = maskgit_calls(dev_models)[name]
+
+        def run():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                generate(model, labels, schedule, seq_len=config.model.seq_len, mask_token_id=mask_id,
+                         null_class_id=config.model.num_classes, generator=index_generators(range(B), 0, device))
+        seconds = timed(run, device, sizes.repeats)
+        report.measure(f"sampling {name}, eager: T={schedule.steps} {config.sample.schedule}, batch {B}, bf16",
+                       B / seconds, "images/s", f"{seconds:.2f} s per batch")
+    del dev_models
+    free(device)
+    measured = {}
+    with peak_memory(device, measured):
+        built = build_models(config, ("tokenizer", "ka_maskgit"))
+        sampler = for_sampling(built["ka_maskgit"].to(device))
+        sample_images(sampler, built["tokenizer"].to(device), labels, schedule,
+                      index_generators(range(B), 0, device), "bf16", config.sample.get("pixels", "truncate"))
+        del built, sampler
+    check_memory(report, f"KA-MaskGIT sampling + decode, batch {B}, bf16",
+                 estimated_peak(lambda p, c, b: memory.sampling(p, c, b, "bf16"), config, B, device), measured)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -420,6 +503,11 @@ def run_all(device: torch.device, sizes: Sizes, log=print) -> Report:
                                                    sizes.train_steps)),
         ("pretraining", lambda: check_training(report, sizes, device, "pretrain", sizes.pretrain_batch,
                                                sizes.pretrain_steps)),
+        ("KA-MaskGIT training", lambda: check_training(report, sizes, device, "ka_mig", sizes.train_batch,
+                                                       sizes.train_steps, "maskgit")),
+        ("MaskGIT pretraining", lambda: check_training(report, sizes, device, "pretrain", sizes.pretrain_batch,
+                                                       sizes.pretrain_steps, "maskgit")),
+        ("MaskGIT host", lambda: check_maskgit(report, sizes, device)),
     ]
     for name, step in steps:
         try:

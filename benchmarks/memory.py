@@ -8,7 +8,9 @@ Workloads, per GPU: KA-MIG training at 300 images in fp16 (configs/ka_mig_l.py, 
 AdamW on the graph modules and the head, EMA of those), AutoNAT-L pretraining at 256 in fp16 (configs/autonat_l.py),
 sampling KA-MIG at batch 125 with guidance (the T=8 AutoNAT strategy, then the tokenizer's decode) in fp32 (the
 scripts' default) and bf16, and the tokenizer's encode at extract_imagenet_feature.py's default batch (64 images and
-their flips). Weights are random: memory depends on shapes only.
+their flips); on the MaskGIT host, KA-MaskGIT training at 300 (configs/ka_maskgit.py), MaskGIT pretraining at 256
+(configs/maskgit.py, the release's objective) and sampling KA-MaskGIT at 125 (T=16 cosine schedule). Weights are
+random: memory depends on shapes only.
 
 Method. The library code of each workload (factory models, FusionCache, generate, tokenizer, masked_token_loss,
 torch.optim.AdamW, GradScaler) runs on fake CPU tensors (torch._subclasses.fake_tensor.FakeTensorMode: shapes,
@@ -22,7 +24,8 @@ autocast casts most operators of these models as CUDA autocast does (linear, mat
 fp16/bf16, softmax and the loss in fp32; layer norm, group norm and interpolation, which CPU autocast leaves in
 their input's dtype, are run in fp32 as CUDA autocast does (`CudaAutocastFp32`); tests/test_benchmark_tools.py
 compares the two operator by operator on a fake forward), CPU attention is the flash kernel (output and
-log-sum-exp saved, as on a GPU), and AdamW is told to take its foreach path as it does on CUDA.
+log-sum-exp saved, as on a GPU; attention with dropout, which a CPU runs with the math kernel, is run without it:
+`CudaAttentionDropout`), and AdamW is told to take its foreach path as it does on CUDA.
 torch.distributed._tools.mem_tracker.MemTracker (torchtitan's estimator) does not run these workloads in torch 2.14:
 it hooks the gradient of every parameter, which raises on the frozen backbone, and refuses a module called twice
 (every decoding step); tests/test_benchmark_tools.py checks PeakMemory against it on a pretraining step, where both
@@ -69,14 +72,16 @@ from torch.utils.weak import WeakIdKeyDictionary
 from libs.atomic_io import atomic_write_json
 from libs.config import load_config_file
 from libs.graphs.files import graph_paths, load_edge_graph
-from libs.models.factory import backbone_config, for_sampling, graph_config, tokenizer_config
+from libs.models.factory import backbone_config, for_sampling, graph_config, model_kind, tokenizer_config
 from libs.models.autonat import AutoNAT
+from libs.models.ka_maskgit import KAMaskGIT
 from libs.models.ka_mig import KAMIG
+from libs.models.maskgit import MaskGIT, maskgit_config
 from libs.models.vqgan import VQGAN
 from libs.sampling.decoding import generate, schedule_from_config
 from libs.sampling.generation import PRECISIONS, class_labels, index_generators, to_uint8
-from libs.training.objective import MaskedBatch, make_masked_batch, masked_token_loss
-from libs.training.trainer import MODE_MODEL, freeze_for_mode
+from libs.training.objective import MaskedBatch, make_masked_batch, masked_token_loss, masking_options
+from libs.training.trainer import freeze_for_mode, mode_kind
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
@@ -286,6 +291,29 @@ class CudaAutocastFp32(TorchFunctionMode):
             return func(*tree_map(to32, args), **tree_map(to32, kwargs))
 
 
+class CudaAttentionDropout(TorchFunctionMode):
+    """scaled_dot_product_attention with dropout (MaskGIT's attention-probability dropout while training) as a GPU
+    runs it: CUDA's flash and memory-efficient kernels apply the dropout inside and save the output, the log-sum-exp
+    and a seed, where a CPU falls back to the math kernel, which keeps the [B,h,n,n] probabilities and dropout mask.
+    Run without dropout here, the CPU flash kernel saves what CUDA's kernels save."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is F.scaled_dot_product_attention:
+            if len(args) > 4:  # (query, key, value, attn_mask, dropout_p, ...)
+                args = (*args[:4], 0.0, *args[5:])
+            elif "dropout_p" in kwargs:
+                kwargs["dropout_p"] = 0.0
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_code_paths():
+    """What a CUDA device does differently, emulated on fake CPU tensors: CudaAutocastFp32, CudaAttentionDropout."""
+    with CudaAutocastFp32(), CudaAttentionDropout():
+        yield
+
+
 # ----------------------------------------------------------------------------- where a workload runs
 
 
@@ -375,10 +403,14 @@ def graphs_for(config, device) -> dict:
 
 
 def token_network(place: Place, config, kind: str):
-    """AutoNAT or KA-MIG of `config` (random weights) at `place`."""
+    """AutoNAT, KA-MIG, MaskGIT or KA-MaskGIT (libs.models.factory's kinds) of `config` (random weights) at
+    `place`."""
     if kind == "autonat":
         return place.module(lambda: AutoNAT(backbone_config(config.model)))
-    return place.module(lambda: KAMIG(backbone_config(config.model), graph_config(config.graph)),
+    if kind == "maskgit":
+        return place.module(lambda: MaskGIT(maskgit_config(config.model)))
+    host, sizes = (KAMIG, backbone_config) if kind == "ka_mig" else (KAMaskGIT, maskgit_config)
+    return place.module(lambda: host(sizes(config.model), graph_config(config.graph)),
                         lambda model: model.set_graphs(**graphs_for(config, "meta" if place.fake else "cpu")))
 
 
@@ -390,9 +422,10 @@ def build_optimizer(model, trained: set, train_cfg, foreach=None):
                              lr=train_cfg.lr, betas=tuple(train_cfg.betas), foreach=foreach)
 
 
-def masked_batch(config, batch: int, step: int) -> MaskedBatch:
-    """A real CPU training batch: random tokens, labels i mod C, masked as the trainer does; the first b rows of
-    every batch size are the same (so a larger batch holds a smaller one and the peak grows with the batch)."""
+def masked_batch(config, batch: int, step: int, mask_token_id: int = None) -> MaskedBatch:
+    """A real CPU training batch: random tokens, labels i mod C, masked as the trainer does (the config's masking
+    and loss options; `mask_token_id` default K, AutoNAT's); the first b rows of every batch size are the same (so a
+    larger batch holds a smaller one and the peak grows with the batch)."""
     m, t, chunk = config.model, config.train, 64
     parts = []
     for c in range(0, batch, chunk):
@@ -400,8 +433,9 @@ def masked_batch(config, batch: int, step: int) -> MaskedBatch:
         n = min(chunk, batch - c)
         ids = torch.randint(0, m.codebook_size, (n, m.seq_len), generator=g)
         cls = torch.arange(c, c + n) % m.num_classes
-        parts.append(make_masked_batch(ids, cls, m.codebook_size, m.num_classes, t.p_uncond, tuple(t.mask_beta),
-                                       generator=g))
+        parts.append(make_masked_batch(ids, cls, m.codebook_size if mask_token_id is None else mask_token_id,
+                                       m.num_classes, t.p_uncond, tuple(t.mask_beta), generator=g,
+                                       **masking_options(t)))
     tensors = [f for f, v in vars(parts[0]).items() if isinstance(v, torch.Tensor)]
     return dataclasses.replace(parts[0], **{f: torch.cat([getattr(p, f) for p in parts]) for f in tensors})
 
@@ -415,7 +449,7 @@ def training(place: Place, config, batch: int, steps: int = 1):
     cannot itself run on fake tensors (its accelerate wrapper reads the loss on the host). AdamW's state is made
     first (a step on zero gradients), so every step runs as the trainer's steps after the first."""
     t = config.train
-    model = token_network(place, config, MODE_MODEL[t.mode]).train()
+    model = token_network(place, config, mode_kind(config)).train()
     trained = set(freeze_for_mode(model, t.mode))
     optimizer = build_optimizer(model, trained, t, foreach=True if place.fake and place.cuda_like else None)
     params = [p for n, p in model.named_parameters() if n in trained]
@@ -428,7 +462,7 @@ def training(place: Place, config, batch: int, steps: int = 1):
     optimizer.zero_grad(set_to_none=True)
     for step in range(steps):
         with place.outside():
-            real = masked_batch(config, batch, step)
+            real = masked_batch(config, batch, step, model.mask_token_id)
         b = dataclasses.replace(real, **{f: place.data(v) for f, v in vars(real).items()
                                          if isinstance(v, torch.Tensor)})
         with place.autocast(precision):
@@ -454,9 +488,10 @@ def training(place: Place, config, batch: int, steps: int = 1):
 
 @torch.no_grad()
 def sampling(place: Place, config, batch: int, precision: str):
-    """One batch of libs.sampling.generation.sample_images with KA-MIG: FusionCache, the config's schedule with
-    guidance (2 x batch rows per forward), per-index generators, the tokenizer's fp32 decode, uint8 pixels."""
-    model = token_network(place, config, "ka_mig").eval().requires_grad_(False)
+    """One batch of libs.sampling.generation.sample_images with the config's backbone and graphs (KA-MIG or
+    KA-MaskGIT): FusionCache, the config's schedule (2 x batch rows per forward: generate batches the unconditional
+    pass even at guidance 0), per-index generators, the tokenizer's fp32 decode, uint8 pixels."""
+    model = token_network(place, config, model_kind(config, graphs=True)).eval().requires_grad_(False)
     tokenizer = place.module(lambda: VQGAN(tokenizer_config(config.tokenizer))).eval().requires_grad_(False)
     sampler = for_sampling(model)
     schedule = schedule_from_config(config.sample)
@@ -502,11 +537,18 @@ WORKLOADS = {
                             "configs/ka_mig_l.py", 125, lambda p, c, b: sampling(p, c, b, "bf16")),
     "tokenize": Workload("tokenizer encode, fp32 (extract_imagenet_feature.py: images + flips)",
                          "configs/ka_mig_l.py", 64, tokenizing, unit="images (x2 with flips)"),
+    "ka_maskgit_train": Workload("KA-MaskGIT training, fp16 (frozen MaskGIT + graph modules, AdamW + EMA on those)",
+                                 "configs/ka_maskgit.py", 300, training),
+    "maskgit_pretrain": Workload("MaskGIT pretraining, fp16 (AdamW + EMA on all 172M parameters; the release's "
+                                 "global batch 256 on one GPU)", "configs/maskgit.py", 256, training),
+    "sample_ka_maskgit": Workload("KA-MaskGIT sampling, T=16 cosine, no guidance, fp32, + tokenizer decode",
+                                  "configs/ka_maskgit.py", 125, lambda p, c, b: sampling(p, c, b, "fp32")),
 }
 
 
 # sample_bf16 is left out by default: sampling's peak is the tokenizer's fp32 decode, the same in both precisions
-DEFAULT_WORKLOADS = ("ka_mig_train", "autonat_pretrain", "sample_fp32", "tokenize")
+DEFAULT_WORKLOADS = ("ka_mig_train", "autonat_pretrain", "sample_fp32", "tokenize", "ka_maskgit_train",
+                     "maskgit_pretrain", "sample_ka_maskgit")
 
 
 # ----------------------------------------------------------------------------- estimates
@@ -518,7 +560,7 @@ def estimate(run: Callable, config, batch: int, round_to: int = ALLOC_ROUND, cud
     `round_to` / `cuda_like`: the CUDA allocator's rounding and CUDA's code paths (1 / False: a CPU's)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fake tensors' data_ptr(), autocast notes
-        policy = CudaAutocastFp32() if cuda_like else contextlib.nullcontext()
+        policy = cuda_code_paths() if cuda_like else contextlib.nullcontext()
         with FakeTensorMode(), PeakMemory(round_to) as mem, policy:
             run(Place(torch.device("cpu"), mem, cuda_like), config, batch)
     return mem

@@ -32,6 +32,13 @@ def tiny(mode="pretrain", precision="no"):
     return config
 
 
+def tiny_maskgit(mode="pretrain", precision="no"):
+    """configs/tiny_ka_maskgit.py: a tiny MaskGIT with the graphs and the release's objective."""
+    config = load_config_file(REPO / "configs" / "tiny_ka_maskgit.py")
+    config.train.mode, config.train.mixed_precision = mode, precision
+    return config
+
+
 def real_count(run, config, batch) -> int:
     """Peak bytes of `run` on real CPU tensors, counted by PeakMemory (no rounding)."""
     with memory.PeakMemory(round_to=1, fake=False) as mem:
@@ -81,7 +88,9 @@ def test_peak_memory_agrees_with_memtracker_on_a_training_step():
     ("ka_mig_train", tiny("ka_mig", "fp16")),  # unique classes, boolean loss mask, loss scaler, AdamW steps
     ("sample_bf16", tiny()),                     # FusionCache class cache, decoding, tokenizer decode
     ("tokenize", tiny()),
-], ids=["ka_mig_train", "sample_bf16", "tokenize"])
+    ("ka_maskgit_train", tiny_maskgit("ka_mig", "fp16")),  # cosine masks, per-sample loss
+    ("sample_ka_maskgit", tiny_maskgit()),  # KA-MaskGIT's FusionCache, the maskgit schedule
+], ids=["ka_mig_train", "sample_bf16", "tokenize", "ka_maskgit_train", "sample_ka_maskgit"])
 def test_estimate_on_fake_tensors_equals_a_real_run(workload, config):
     """The estimate (fake tensors, real values only for the inputs) against the same workload on real tensors."""
     run = memory.WORKLOADS[workload].run
@@ -159,17 +168,20 @@ def test_gpu_acceptance_self_test_on_tiny_models(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "gpu_acceptance.json").read_text())
     rows = {r["check"]: r for r in result["rows"]}
     memory_rows = [r for name, r in rows.items() if name.startswith("memory estimate")]
-    assert len(memory_rows) == 4 and not any(r["ok"] for r in memory_rows)
+    assert len(memory_rows) == 7 and not any(r["ok"] for r in memory_rows)  # 4 AutoNAT host, 3 MaskGIT host
     assert all(r["value"] <= 0.05 for r in memory_rows), memory_rows  # the estimates agree with the real runs
     others = [r for name, r in rows.items() if not name.startswith("memory estimate")]
     assert all(r["ok"] for r in others), [r for r in others if not r["ok"]]
     names = " ".join(rows)
     for part in ("cpu vs cpu, fp32: tokenizer decoded images", "bf16 vs fp32", "fp16 vs fp32", "compiled vs eager",
                  "KA-MIG training: images/s", "steps skipped", "sampling AutoNAT, compiled",
-                 "sampling KA-MIG sampler (FusionCache), eager", "tokenizer encode", "tokenizer decode"):
+                 "sampling KA-MIG sampler (FusionCache), eager", "tokenizer encode", "tokenizer decode",
+                 "cpu vs cpu, fp32: KA-MaskGIT sampler (FusionCache) logits", "fp16 vs fp32 on cpu: MaskGIT logits",
+                 "KA-MaskGIT training: images/s", "KA-MaskGIT training: steps skipped", "MaskGIT pretraining: images/s",
+                 "sampling KA-MaskGIT sampler (FusionCache), eager: T=4 maskgit"):
         assert part in names, part
     markdown = (tmp_path / "gpu_acceptance.md").read_text()
-    assert markdown.startswith("SELF-TEST") and markdown.count("**FAIL**") == 4
+    assert markdown.startswith("SELF-TEST") and markdown.count("**FAIL**") == 7
 
 
 ARITHMETIC = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten.convolution.", "aten.native_layer_norm.",
@@ -257,3 +269,24 @@ def test_cpu_autocast_casts_like_cuda_autocast(dtype):
     low = str(dtype)
     assert ("aten.addmm.default", (low,)) in cpu and ("aten.convolution.default", (low,)) in cpu  # autocast ran
     assert ("aten.native_layer_norm.default", ("torch.float32",) * 3) in cpu
+
+
+def test_attention_with_dropout_is_estimated_with_the_kernel_a_gpu_runs():
+    """A CPU runs attention with dropout (MaskGIT's) through the math kernel, which keeps the [B,h,n,n] probabilities;
+    under cuda_code_paths it takes the flash kernel, which saves what CUDA's flash / memory-efficient kernels save."""
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q = torch.randn(2, 4, 16, 8, requires_grad=True)
+    for policy, kernel in ((contextlib.nullcontext(), "bernoulli_"), (memory.cuda_code_paths(), "flash_attention")):
+        with policy, Ops() as ops:
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, None, 0.1)
+        assert sum(kernel in n for n in ops.names) == 2, ops.names
+        assert any("flash_attention" in n for n in ops.names) == (kernel == "flash_attention"), ops.names
