@@ -290,3 +290,23 @@ def test_attention_with_dropout_is_estimated_with_the_kernel_a_gpu_runs():
             torch.nn.functional.scaled_dot_product_attention(q, q, q, None, 0.1)
         assert sum(kernel in n for n in ops.names) == 2, ops.names
         assert any("flash_attention" in n for n in ops.names) == (kernel == "flash_attention"), ops.names
+
+
+def test_maskgit_speed_runs_every_row_interleaved(tmp_path, capsys):
+    """benchmarks.maskgit_speed on the tiny KA-MaskGIT: every row timed the asked number of times, the fusion timed
+    inside each KA-MaskGIT sampling run (and only there: it is part of the run)."""
+    from benchmarks import maskgit_speed
+    out, threads = tmp_path / "speed.json", torch.get_num_threads()
+    try:
+        assert maskgit_speed.main(["--config", "configs/tiny_ka_maskgit.py", "--threads", "1", "--repeats", "2",
+                                   "--forward-repeats", "3", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # main sets the process's threads
+    result = json.loads(out.read_text())
+    times = result["times"]
+    assert [len(times[r]) for r in result["forward_rows"]] == [3, 3, 3]
+    assert [len(times[r]) for r in result["sampling_rows"]] == [2, 2]
+    ka_runs = times[result["sampling_rows"][1]]
+    assert len(result["fusion"]) == 2 and all(0 < f < t for f, t in zip(result["fusion"], ka_runs))
+    printed = capsys.readouterr().out
+    assert "| KA-MaskGIT sampling, FusionCache (4 steps, batch 2) |" in printed and "load average before" in printed
