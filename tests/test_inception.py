@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from libs.atomic_io import atomic_save_safetensors
 from libs.evaluation import fid_stats, inception
 from libs.checkpoint import MissingAssetError
 
@@ -155,6 +156,10 @@ def test_cache_pt_inception_and_missing_weights(extractor, cache, fake_pt_weight
     assert pool.shape == (1, 2048) and logits.shape == (1, 1008)
     w, b = pt_state["fc.weight"].double().numpy(), pt_state["fc.bias"].double().numpy()
     np.testing.assert_allclose(logits, pool @ w.T + b, atol=1e-5)
+    # the same weights as .safetensors load alike (told by content)
+    atomic_save_safetensors(pt_state, tmp_path / "pt_inception.safetensors")
+    st = inception.load_feature_extractor(weights=tmp_path / "pt_inception.safetensors")
+    assert st.has_logits and all(torch.equal(v, pt.net.state_dict()[k]) for k, v in st.net.state_dict().items())
     # an explicit weights path must exist; a wrong file is named
     with pytest.raises(MissingAssetError, match="pt_inception-2015-12-05-6726825d.pth"):
         inception.load_feature_extractor(weights=tmp_path / "pt_inception-2015-12-05-6726825d.pth")

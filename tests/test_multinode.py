@@ -268,7 +268,7 @@ def test_two_nodes_train_killed_and_resumed_like_one_node(runs):
     check_two_nodes(done, static=True)
     assert "resumed from" in launches["resume"].output
     one, two = work / "train_one" / "tiny", work / "train_two" / "tiny"
-    same_bytes(one, two, ["model_ema.pth", "checkpoints/step_0000002.pt", "checkpoints/step_0000004.pt"])
+    same_bytes(one, two, ["model_ema.safetensors", "checkpoints/step_0000002.pt", "checkpoints/step_0000004.pt"])
     rows = [list(csv.DictReader(open(run / "log.csv"))) for run in (one, two)]
     for row in rows[0] + rows[1]:
         row.pop("tokens_per_s")  # a timing
@@ -276,4 +276,4 @@ def test_two_nodes_train_killed_and_resumed_like_one_node(runs):
     check_writers(crash_written, two)
     check_writers(written, two)
     assert two / "checkpoints" / "step_0000002.pt" in crash_written
-    assert {two / "model_ema.pth", two / "checkpoints" / "step_0000004.pt"} <= set(written)
+    assert {two / "model_ema.safetensors", two / "checkpoints" / "step_0000004.pt"} <= set(written)

@@ -36,11 +36,13 @@ def test_loaders_accept_both_formats_by_content(tmp_path):
     model = tiny_backbone(seed=3)
     state = model.state_dict()
     torch.save(state, tmp_path / "w.pth")
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)  # a pickle, not a zip
     atomic_save_safetensors(state, tmp_path / "w.pth.safe")  # the name does not decide: the first bytes do
     atomic_save_safetensors(state, tmp_path / "w_st.pth")
     assert weights_format(tmp_path / "w.pth") == "torch"
     assert weights_format(tmp_path / "w_st.pth") == "safetensors"
-    for name in ("w.pth", "w.pth.safe", "w_st.pth"):
+    assert weights_format(tmp_path / "legacy.pth") == "torch"
+    for name in ("w.pth", "legacy.pth", "w.pth.safe", "w_st.pth"):
         loaded = load_state_dict_file(tmp_path / name)
         assert same_state(loaded, state)
         target = tiny_backbone(seed=4)

@@ -28,7 +28,7 @@ import torchvision
 from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
 
 from libs.atomic_io import atomic_torch_save
-from libs.checkpoint import MissingAssetError, describe_mismatch, require_file
+from libs.checkpoint import MissingAssetError, describe_mismatch, read_weights_file, require_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PT_INCEPTION_WEIGHTS = REPO_ROOT / "assets" / "pt_inception-2015-12-05-6726825d.pth"
@@ -327,7 +327,7 @@ def load_feature_extractor(weights=None, cache=CONVERTED_CACHE, torchscript=None
     net = build_fid_inception()
     path = require_file(weights) if weights is not None else PT_INCEPTION_WEIGHTS
     if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_weights_file(path)  # a torch file or a .safetensors file, told by content
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         _check_state(net, state, str(path), with_fc=True)
