@@ -52,6 +52,8 @@ def main(argv=None) -> int:
                 raise BadInput(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
         if args.workers < 0:
             raise BadInput(f"--workers must be 0 or more, got {args.workers}")
+        if args.stop_after_chunks < 0:
+            raise BadInput(f"--stop-after-chunks must be 0 (off) or a chunk count, got {args.stop_after_chunks}")
         if not config.tokenizer.checkpoint:
             raise BadInput("no tokenizer checkpoint: set --config.tokenizer.checkpoint=<file>")
         check_device(args.device)  # 'gpu', 'cuda:99', cuda without a GPU: one line, not a traceback

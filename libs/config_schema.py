@@ -95,6 +95,12 @@ def text(nonempty=False) -> Rule:
     return Rule("a non-empty string" if nonempty else "a string", lambda v: isinstance(v, str) and (v or not nonempty))
 
 
+def folder_name() -> Rule:
+    """A plain folder name: non-empty, no '/' or '\\', not '.' or '..' (stays inside its parent folder)."""
+    return Rule("a plain folder name (non-empty, no '/' or '\\', not '.' or '..')",
+                lambda v: isinstance(v, str) and v not in ("", ".", "..") and not any(c in v for c in "/\\"))
+
+
 def choice(*options, required=True) -> Rule:
     return Rule(f"one of {', '.join(repr(o) for o in options)}", lambda v: isinstance(v, str) and v in options,
                 required=required)
@@ -119,7 +125,7 @@ def guidance_steps_text() -> Rule:
 # One rule per key of the configs in configs/ (tests/test_config_validation.py checks that none is left out).
 RULES = {
     "seed": seed(),
-    "run_name": text(nonempty=True),
+    "run_name": folder_name(),  # <output_dir>/<run_name>: must stay inside output_dir
     "output_dir": text(),
     "backbone": choice(*BACKBONE_KINDS, required=False),  # libs.models.factory: absent means 'autonat'
     # the VQGAN tokenizer (libs.models.vqgan.VQGANConfig)

@@ -95,7 +95,13 @@ BAD = {  # case: (overrides, the text the one-line message must hold)
     "tokenizer norm groups": (["--config.tokenizer.norm_groups=3"], "config.tokenizer.norm_groups=3 (allowed: a "
                                                                      "divisor of every width"),
     "tokenizer resolution": (["--config.tokenizer.resolution=7"], "config.tokenizer.resolution=7"),
-    "empty run name": (["--config.run_name="], "config.run_name='' (allowed: a non-empty string)"),
+    "empty run name": (["--config.run_name="], "config.run_name='' (allowed: a plain folder name"),
+    "run name climbs out": (["--config.run_name=../../etc"], "config.run_name='../../etc' (allowed: a plain folder "
+                                                              "name (non-empty, no '/'"),
+    "run name nested": (["--config.run_name=a/b"], "config.run_name='a/b' (allowed: a plain folder name"),
+    "run name backslash": (["--config.run_name=a\\b"], "config.run_name='a\\\\b' (allowed: a plain folder"),
+    "run name dot-dot": (["--config.run_name=.."], "config.run_name='..' (allowed: a plain folder name"),
+    "run name dot": (["--config.run_name=."], "config.run_name='.' (allowed: a plain folder name"),
 }
 
 

@@ -278,7 +278,7 @@ def test_load_reference_stats_errors(tmp_path):
     with pytest.raises(ValueError, match="single array"):
         fid_stats.load_reference_stats(tmp_path / "single.npy")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(ValueError, match="not an .npz file of reference statistics"):
         fid_stats.load_reference_stats(tmp_path / "junk.npz")
 
 

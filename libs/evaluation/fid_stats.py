@@ -1,7 +1,7 @@
 """Reference statistics and sample metrics on image sets; `python -m libs.evaluation.fid_stats` writes ref.npz.
 
     python -m libs.evaluation.fid_stats --images <folder of PNG/JPG | .npz with arr_0 uint8 [N,H,W,3]> --out ref.npz \
-        [--batch-size 50] [--device cpu|cuda] [--inception-weights PATH] [--save-features]
+        [--batch-size 50] [--device cpu|cuda] [--inception-weights PATH] [--save-features] [--overwrite]
 
 Images are quantised to uint8 before feature extraction (ADM convention), so in-memory samples and their
 saved PNGs give the same features. The ADM ImageNet-256 reference batch (`mu`, `sigma`, `arr_0`) loads as is.
@@ -254,6 +254,15 @@ def check_stats_arrays(path, mu, sigma, dims: int = None):
                            "these reference statistics are unusable")
 
 
+def _has_npy_magic(path) -> bool:
+    """True when the file starts with the .npy magic bytes (False when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(6) == b"\x93NUMPY"
+    except OSError:
+        return False
+
+
 def load_reference_stats(path, extractor=None, batch_size: int = 50, progress: bool = False,
                          dims: int = None) -> dict:
     """{'mu', 'sigma', 'features' or None, 'path', 'n', 'skipped', ...} from a reference .npz (ours or ADM's).
@@ -269,6 +278,9 @@ def load_reference_stats(path, extractor=None, batch_size: int = 50, progress: b
             f"reference statistics not found: {path}\n  for ImageNet 256 use ADM's reference batch "
             "VIRTUAL_imagenet256_labeled.npz; for your own images run "
             "'python -m libs.evaluation.fid_stats --images <folder or npz> --out ref.npz'")
+    if not zipfile.is_zipfile(path) and not _has_npy_magic(path):  # an image, text, a pickle: not numpy at all
+        raise BadInput(f"{path}: not an .npz file of reference statistics (expected an .npz with 'mu' and 'sigma' "
+                       "arrays, as python -m libs.evaluation.fid_stats writes)")
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
@@ -366,6 +378,33 @@ def compute_metrics(samples, ref_stats: dict, extractor, num_expected: int = Non
     return result
 
 
+def is_stats_npz(path) -> bool:
+    """True when `path` is an .npz holding 'mu' and 'sigma' arrays (reference statistics), else False."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return {"mu.npy", "sigma.npy"} <= names
+
+
+def check_output(out, images, overwrite: bool = False):
+    """Raises BadInput when `out` is the `images` input itself (same resolved path or file), or when it exists
+    and is not reference statistics (an .npz with mu/sigma) and `overwrite` is False."""
+    out, images = Path(out), Path(images)
+    same = out.resolve() == images.resolve()
+    if not same and out.exists() and images.exists():
+        try:
+            same = os.path.samefile(out, images)
+        except OSError:
+            pass
+    if same:
+        raise BadInput(f"--out {out} is the --images input itself; write the statistics to another file")
+    if out.is_file() and not overwrite and not is_stats_npz(out):
+        raise BadInput(f"--out {out} exists and is not a reference-statistics .npz (no 'mu'/'sigma' arrays); "
+                       "choose another path or pass --overwrite to replace it")
+
+
 def main(argv=None) -> dict:
     """CLI: reference statistics of an image folder / npz -> an .npz with mu, sigma (and features)."""
     parser = ArgumentParser(prog="python -m libs.evaluation.fid_stats", description=__doc__.splitlines()[0])
@@ -381,11 +420,15 @@ def main(argv=None) -> dict:
                         help="where the converted offline weights are cached")
     parser.add_argument("--save-features", action="store_true", help="also store pool3 features (precision/recall)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out that is not a reference-statistics .npz (one with mu/sigma "
+                             "is replaced without it); --out may never be the --images input")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     device = check_device(args.device)  # an unusable --device is one line, before any image is read
     source = load_image_batch_source(args.images)  # fail on bad input before loading the network
+    check_output(args.out, args.images, args.overwrite)
     check_writable(args.out)
     extractor = load_feature_extractor(args.inception_weights, cache=args.inception_cache, device=device)
     stats = compute_reference_stats(source, extractor, args.batch_size, args.save_features, not args.no_progress)

@@ -551,6 +551,11 @@ class Trainer:
         path, state = self.find_checkpoint()
         if state is not None:
             self.check_resume_config(path, state)
+            reached, n_steps = int(state["step"]), self.config.train.n_steps
+            if n_steps < reached:  # would rewrite the exported weights and record fewer steps than were trained
+                raise BadInput(f"cannot resume from {path}: train.n_steps={n_steps} is below the checkpoint's step "
+                               f"{reached}; pass --config.train.n_steps={reached} or more, or start a new run with "
+                               f"another --config.run_name")
             self.check_resume_inputs(path, state)
             self.load_state(state)
             self.log(f"resumed from {path} (step {self.step})")
