@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from libs.atomic_io import atomic_savez, atomic_write_json, atomic_write_text
-from libs.cli import ArgumentParser, run_main
+from libs.cli import ArgumentParser, check_writable, run_main
 from libs.config import apply_override, parse_args_with_config, split_overrides
 from libs.data.images import list_image_folder, read_rgb
 from libs.data.tokens import load_tokens_for_model
@@ -38,23 +38,71 @@ from libs.errors import BadInput, MissingInput
 from libs.evaluation import metrics
 from libs.evaluation.nll import masked_nll, t_interval
 from libs.models.autonat import AutoNAT
-from libs.models.factory import backbone_config, load_model
+from libs.models.factory import MODEL_KINDS, backbone_config, check_model_kind, load_model
 
 # ----------------------------------------------------------------------------- models
 
 
-def read_models(path) -> list:
-    """The entries of a models.json."""
-    entries = json.loads(Path(path).read_text())
-    for e in entries:
-        missing = {"name", "kind", "checkpoint", "overrides"} - set(e)
-        if missing:
-            raise BadInput(f"{path}: model entry {e.get('name')} lacks {sorted(missing)}")
+MODEL_KEYS = ("name", "kind", "checkpoint", "overrides")  # the keys of every models.json entry
+
+
+def read_models(path, config=None) -> list:
+    """The entries of a models.json (a non-empty list of {name, kind, checkpoint, overrides} objects), each
+    checked before any work: kind known (and built on config.backbone when `config` is given), overrides a list
+    of --config.<key>=<value> strings that apply to `config`, checkpoint present when given.
+    Raises MissingInput (no such file, or an absent checkpoint) or BadInput naming the file, entry and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInput(f"--models {path}: no such file (a models.json list of {{{', '.join(MODEL_KEYS)}}})")
+    try:
+        entries = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"--models {path}: not JSON ({e})") from e
+    if not isinstance(entries, list) or not entries:
+        got = "an empty list" if entries == [] else f"a JSON {type(entries).__name__}"
+        raise BadInput(f"--models {path}: expected a non-empty list of model objects "
+                       f"{{{', '.join(MODEL_KEYS)}}}, got {got}")
+    for i, e in enumerate(entries):
+        check_model_entry(path, i, e, config)
+    names = [e["name"] for e in entries]
+    if len(set(names)) != len(names):
+        raise BadInput(f"--models {path}: model names must differ, got {names}")
     return entries
 
 
+def check_model_entry(path, i: int, e, config=None):
+    """Raises MissingInput / BadInput for entry `i` of models file `path` (see read_models)."""
+    where = f"--models {path}: entry {i}"
+    if not isinstance(e, dict):
+        raise BadInput(f"{where} is {json.dumps(e)[:60]}, not an object {{{', '.join(MODEL_KEYS)}}}")
+    missing = [k for k in MODEL_KEYS if k not in e]
+    if missing:
+        raise BadInput(f"{where} ({e.get('name')}) lacks {missing}")
+    if not isinstance(e["name"], str) or not e["name"]:
+        raise BadInput(f"{where}: name={e['name']!r} must be a non-empty string")
+    where = f"--models {path}: model {e['name']}"
+    if not isinstance(e["overrides"], list) or not all(isinstance(o, str) for o in e["overrides"]):
+        raise BadInput(f"{where}: overrides={json.dumps(e['overrides'])[:80]} must be a list of "
+                       f"\"--config.<key>=<value>\" strings")
+    if e["kind"] not in MODEL_KINDS:
+        raise BadInput(f"{where}: kind={e['kind']!r} is not one of {', '.join(MODEL_KINDS)}")
+    if e["checkpoint"] is not None and not isinstance(e["checkpoint"], str):
+        raise BadInput(f"{where}: checkpoint={e['checkpoint']!r} must be a file path (or null for the default)")
+    if e["checkpoint"] and not Path(e["checkpoint"]).is_file():
+        raise MissingInput(f"{where}: checkpoint {e['checkpoint']} not found")
+    if config is not None:
+        try:
+            cfg = entry_config(config, e)
+            check_model_kind(cfg, e["kind"])
+        except BadInput as err:
+            raise BadInput(f"{where}: {err}") from err
+        except (KeyError, ValueError) as err:
+            raise BadInput(f"{where}: {err.args[0] if err.args else err}") from err
+
+
 def entry_config(config, entry: dict):
-    """A copy of `config` with the entry's --config.* overrides applied."""
+    """A copy of `config` with the entry's --config.* overrides applied (KeyError: unknown key; ValueError:
+    a value of another type; BadInput: an item that is not --config.<key>=<value>)."""
     cfg = copy.deepcopy(config)
     pairs, rest = split_overrides(entry["overrides"])
     if rest:
@@ -91,7 +139,7 @@ def heldout_tokens(path, config, n: int = 0):
 
 def run_nll(config, models_file, tokens_path, out):
     d = config.demo
-    entries = read_models(models_file)
+    entries = read_models(models_file, config)
     tokens, labels, rows = heldout_tokens(tokens_path, config, d.nll_images)
     ratios = np.asarray(d.nll_ratios, dtype=np.float64)
     values, seconds = [], {}
@@ -187,6 +235,7 @@ def load_reference_features(path, sha: str):
     path = Path(path)
     if not path.is_file():
         return None, f"{path} not found"
+    check_reference_file(path)
     with np.load(path, allow_pickle=False) as z:
         stored = str(z["images_sha256"])
         if stored != sha:
@@ -194,10 +243,52 @@ def load_reference_features(path, sha: str):
         return np.asarray(z["features"], dtype=np.float64), f"committed features {path} (same images)"
 
 
+REFERENCE_KEYS = ("features", "images_sha256")  # what `reference` writes and `fid` reads
+
+
+def check_reference_file(path):
+    """Raises BadInput unless an existing `path` is an .npz holding REFERENCE_KEYS (as `reference` writes it)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files) if isinstance(z, np.lib.npyio.NpzFile) else set()
+    except (OSError, ValueError, EOFError) as e:
+        raise BadInput(f"--reference-features {path}: not an .npz file ({e})") from e
+    missing = [k for k in REFERENCE_KEYS if k not in keys]
+    if missing:
+        raise BadInput(f"--reference-features {path}: lacks {missing} (has {sorted(keys)}); make it with "
+                       f"`python -m demo.evaluate reference`")
+
+
+def samples_files(samples_root, entries) -> dict:
+    """{model name: <samples_root>/<name>/samples.npz}; MissingInput / BadInput when one is absent or lacks
+    arr_0 / labels."""
+    files = {}
+    for e in entries:
+        npz = Path(samples_root) / e["name"] / "samples.npz"
+        if not npz.is_file():
+            raise MissingInput(f"no samples for model {e['name']}: {npz}")
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                keys = set(z.files) if isinstance(z, np.lib.npyio.NpzFile) else set()
+        except (OSError, ValueError, EOFError) as err:
+            raise BadInput(f"{npz}: not an .npz file ({err})") from err
+        missing = [k for k in ("arr_0", "labels") if k not in keys]
+        if missing:
+            raise BadInput(f"{npz}: lacks {missing} (has {sorted(keys)}), not a generate_npz.py samples file")
+        files[e["name"]] = npz
+    return files
+
+
 def run_fid(config, models_file, samples_root, heldout_dir, out, reference_file=None):
     from libs.evaluation.inception import load_feature_extractor
     d = config.demo
-    entries = read_models(models_file)
+    entries = read_models(models_file, config)
+    npz_files = samples_files(samples_root, entries)
+    if reference_file:
+        check_reference_file(reference_file)
     t0 = time.time()
     ref_images, ref_files = reference_images(heldout_dir, d.fid_reference_per_class)
     sha = images_sha256(ref_images)
@@ -213,9 +304,7 @@ def run_fid(config, models_file, samples_root, heldout_dir, out, reference_file=
     ref = Reference(ref_feats)
     feats, labels = {}, None
     for e in entries:
-        npz = Path(samples_root) / e["name"] / "samples.npz"
-        if not npz.is_file():
-            raise MissingInput(f"no samples for model {e['name']}: {npz}")
+        npz = npz_files[e["name"]]
         with np.load(npz, allow_pickle=False) as z:
             images, lab = z["arr_0"], z["labels"]
         if labels is None:
@@ -278,9 +367,30 @@ def checkpoint_steps(run_dir) -> list:
     return sorted((int(p.name[5:-3]), p) for p in files if p.name[5:-3].isdigit())
 
 
+def check_pretrain_state(state, path, backbone_keys):
+    """Raises BadInput unless `state` (a loaded step_*.pt) is a backbone pretraining checkpoint: train.mode
+    'pretrain' in its stored config, and 'model' / 'ema' weights all of the backbone's (names in backbone_keys)."""
+    if not isinstance(state, dict) or not {"model", "ema"} <= set(state):
+        raise BadInput(f"--run: {path} is not a train_graph.py checkpoint (no 'model' / 'ema' entries)")
+    mode = ((state.get("config") or {}).get("train") or {}).get("mode", "pretrain")
+    foreign = sorted(k for which in ("model", "ema") for k in state[which] if k not in backbone_keys)
+    if mode != "pretrain" or foreign:
+        found = f"train.mode={mode}" + (f", weights {foreign[0]} ..." if foreign else "")
+        raise BadInput(f"--run: {path} is not a backbone pretraining checkpoint ({found}); curve needs a "
+                       f"train_graph.py run with train.mode=pretrain on this config's backbone")
+
+
 def run_curve(config, run_dir, tokens_path, out):
-    """Held-out NLL (mean over the mask ratios) of the raw and EMA weights of every saved checkpoint -> CSV."""
+    """Held-out NLL (mean over the mask ratios) of the raw and EMA weights of every saved checkpoint -> CSV.
+
+    Raises MissingInput (no checkpoints) or BadInput (a checkpoint of another train.mode) before any evaluation."""
     d = config.demo
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise MissingInput(f"no checkpoints in {Path(run_dir) / 'checkpoints'}")
+    model = AutoNAT(backbone_config(config.model)).eval()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    check_pretrain_state(torch.load(steps[-1][1], map_location="cpu", weights_only=True), steps[-1][1], base)
     tokens, labels, _ = heldout_tokens(tokens_path, config, d.curve_images)
     log = {}
     log_path = Path(run_dir) / "log.csv"
@@ -289,13 +399,9 @@ def run_curve(config, run_dir, tokens_path, out):
             for row in csv.DictReader(f):
                 log[int(float(row["step"]))] = float(row["loss"])
     rows, prev = [], 0
-    steps = checkpoint_steps(run_dir)
-    if not steps:
-        raise MissingInput(f"no checkpoints in {Path(run_dir) / 'checkpoints'}")
-    model = AutoNAT(backbone_config(config.model)).eval()
-    base = {k: v.clone() for k, v in model.state_dict().items()}
     for step, path in steps:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        check_pretrain_state(state, path, base)
         row = {"step": step, "images": len(labels)}
         train = [v for s, v in log.items() if prev < s <= step]
         row["train_loss"] = float(np.mean(train)) if train else float("nan")
@@ -367,7 +473,7 @@ def fusion_diagnostics(model, tokens, labels, ratio: float = 0.5, seed: int = 0)
 
 
 def run_diagnostics(config, models_file, tokens_path, out, images: int = 500):
-    entries = [e for e in read_models(models_file) if e["kind"] == "ka_mig"]
+    entries = [e for e in read_models(models_file, config) if e["kind"] == "ka_mig"]
     tokens, labels, _ = heldout_tokens(tokens_path, config, images)
     result = {}
     for e in entries:
@@ -400,6 +506,7 @@ def main(argv=None):
     missing = [f"--{k}" for k in need if getattr(args, k) is None]
     if missing:
         raise BadInput(f"{args.what} needs {' '.join(missing)}")
+    check_writable(args.out)  # before any work: a path that cannot be written fails now, not after evaluation
     torch.set_grad_enabled(False)
     if args.what == "nll":
         run_nll(config, args.models, args.tokens, args.out)
