@@ -44,9 +44,9 @@ from libs.errors import BadInput
 from libs.models.factory import DEFAULT_CHECKPOINTS, load_tokenizer_and_model, tokenizer_config
 from libs.sampling.editing import (edit_strip, encode_image, load_edit_image, mask_png, parse_mask,
                                    token_mask, token_mask_pixels)
-from libs.sampling.generation import (add_sampling_flags, check_inputs, class_names_of, compile_token_model,
-                                      index_generators, labelled_grid, pick_device, png_ok, sample_images, save_png,
-                                      schedule_args, schedule_from_flags)
+from libs.sampling.generation import (add_sampling_flags, check_graphs_tokenizer, check_inputs, class_names_of,
+                                      compile_token_model, index_generators, labelled_grid, pick_device, png_ok,
+                                      sample_images, save_png, schedule_args, schedule_from_flags)
 from libs.sampling.provenance import claim_folder, fingerprint_id, input_files, sampling_fingerprint
 
 DEFAULT_CLASSES = [88, 207, 279, 360, 387, 388, 417, 974]  # eight ImageNet classes
@@ -117,6 +117,7 @@ def main(argv=None):
         edit = check_edit_inputs(args, config)
         labels = np.full(args.per_class, edit["class"])
     pixels = check_inputs(args, config)
+    tokenizer_sha = check_graphs_tokenizer(config, args.model)  # hashed once, reused by the fingerprint
     class_names = class_names_of(config) if edit is None else None  # the grid's captions, read before sampling
     check_writable(folders=[args.out])
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINTS[args.model]
@@ -129,7 +130,7 @@ def main(argv=None):
     fingerprint = sampling_fingerprint(config, kind=args.model, checkpoint=checkpoint, schedule=schedule,
                                        seed=args.seed, label_mode="edit" if edit else "classes", labels=labels,
                                        precision=args.precision, cpu_kernels=args.cpu_kernels, pixels=pixels,
-                                       device=device, compile=args.compile)
+                                       device=device, compile=args.compile, tokenizer_sha256=tokenizer_sha)
     files = input_files(config, args.model, checkpoint)
     if args.strategy:
         files["strategy"] = str(args.strategy)

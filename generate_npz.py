@@ -37,9 +37,9 @@ from libs.folder_lock import FolderLock
 from libs.evaluation.fid_stats import compute_metrics, load_reference_stats
 from libs.evaluation.inception import CONVERTED_CACHE, FEATURE_DIM, load_feature_extractor
 from libs.models.factory import DEFAULT_CHECKPOINTS, load_tokenizer_and_model
-from libs.sampling.generation import (add_sampling_flags, check_inputs, class_labels, compile_token_model,
-                                      index_generators, png_ok, sample_images, save_png, schedule_args,
-                                      schedule_from_flags)
+from libs.sampling.generation import (add_sampling_flags, check_graphs_tokenizer, check_inputs, class_labels,
+                                      compile_token_model, index_generators, png_ok, sample_images, save_png,
+                                      schedule_args, schedule_from_flags)
 from libs.sampling.provenance import claim_folder_all_ranks, input_files, sampling_fingerprint
 
 
@@ -108,6 +108,7 @@ def run(args, config, dist, checkpoint, pixels, paths):
     device = dist.device(args.device)  # a bare cuda is cuda:<LOCAL_RANK>, the GPU of this rank on its node
     sample_dir = paths["samples"]
     schedule = schedule_from_flags(config, args.schedule, args.steps, args.cfg, args.temp, **schedule_args(args))
+    tokenizer_sha = check_graphs_tokenizer(config, args.model)  # hashed once, reused by the fingerprint
     tokenizer, model = load_tokenizer_and_model(config, args.model, checkpoint, device,
                                                 cpu_kernels=args.cpu_kernels)
     if args.compile:
@@ -118,7 +119,7 @@ def run(args, config, dist, checkpoint, pixels, paths):
         fingerprint = sampling_fingerprint(config, kind=args.model, checkpoint=checkpoint, schedule=schedule,
                                            seed=args.seed, label_mode=args.labels, labels=labels,
                                            precision=args.precision, cpu_kernels=args.cpu_kernels, pixels=pixels,
-                                           device=device, compile=args.compile)
+                                           device=device, compile=args.compile, tokenizer_sha256=tokenizer_sha)
     fingerprint = dist.broadcast(fingerprint)
     files = input_files(config, args.model, checkpoint)
     if args.strategy:

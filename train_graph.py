@@ -18,13 +18,15 @@ Exit status:
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from libs.cli import ArgumentParser, run_main
 from libs.config import parse_args_with_config
 from libs.config_schema import check_config
-from libs.data.tokens import load_tokens_for_model
+from libs.data.tokens import META_FILE, load_tokens_for_model
 from libs.errors import BadInput, MissingInput, UserError, one_line
-from libs.training.inputs import training_inputs
+from libs.graphs.files import check_graph_tokenizer
+from libs.training.inputs import training_inputs, used_graphs
 from libs.training.periodic_fid import check_periodic_fid_inputs, periodic_fid
 from libs.training.trainer import NonFiniteError, Trainer
 
@@ -33,8 +35,13 @@ DIVERGED = 1  # exit status of a run stopped by a non-finite value
 
 
 def load_training_tokens(config):
-    """(tokens [N,L], labels [N]) of config.data.path, checked against the model; MissingInput / BadInput."""
-    tokens, labels, _ = load_tokens_for_model(config.data.path, config.model)
+    """(tokens [N,L], labels [N]) of config.data.path, checked against the model and, in ka_mig mode, made by
+    the tokenizer the graphs' tokens were made with (when both record it); MissingInput / BadInput."""
+    tokens, labels, meta = load_tokens_for_model(config.data.path, config.model)
+    used = used_graphs(config)
+    if used:
+        check_graph_tokenizer(config.graph.dir, used, meta.get("tokenizer_sha256"),  # paper .npy: "" (none)
+                              f"token dataset {Path(config.data.path) / META_FILE}")
     return tokens, labels
 
 

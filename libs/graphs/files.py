@@ -10,7 +10,9 @@ hold no memory addresses; the .npz has fixed zip timestamps; JSON keys are sorte
 A sidecar records the sha256 of its graph file (`file_sha256`) and, for graphs made by build_graphs, the token
 dataset they come from (`source_dataset`, `source_sha256`); `load_graph_folder`, what training and sampling read
 graphs through, refuses a file its sidecar does not describe, a folder mixing graphs of two token datasets, and
-sizes (codebook, tokens per image, classes) other than the model's.
+sizes (codebook, tokens per image, classes) other than the model's. Sidecars of build_graphs also record the
+tokenizer of those tokens (`tokenizer_sha256`); `check_graph_tokenizer` refuses a training token dataset or a
+sampling tokenizer checkpoint of another tokenizer (released files record none and pass).
 """
 import collections
 import io
@@ -313,6 +315,28 @@ def mixed_sources(metas: dict):
             return (f"{GRAPH_TITLES[n1]} was built from {describe_source(m1)}, {GRAPH_TITLES[n2]} from "
                     f"{describe_source(m2)}")
     return None
+
+
+def recorded_tokenizer(graph_dir, names):
+    """(sidecar path, tokenizer sha256) of the first present graph sidecar among `names` that records the
+    tokenizer of its source tokens; None when none does (released files, older builds, files absent)."""
+    for name, path in graph_paths(graph_dir).items():
+        if name in names and path.is_file():
+            sha = read_meta(path).get("tokenizer_sha256")
+            if sha:
+                return meta_path(path), str(sha)
+    return None
+
+
+def check_graph_tokenizer(graph_dir, names, sha256: str, source: str):
+    """BadInput when a graph sidecar of `names` records a tokenizer sha256 other than `sha256`, the tokenizer
+    `source` (a file, in words) stands for; nothing when either side records none."""
+    recorded = recorded_tokenizer(graph_dir, names) if sha256 else None
+    if recorded and recorded[1] != sha256:
+        raise BadInput(f"{source} has tokenizer sha256 {sha256[:12]} but the graphs were built from tokens of "
+                       f"tokenizer sha256 {recorded[1][:12]} ({recorded[0]}): use the tokenizer the graphs' "
+                       f"tokens were made with, or rebuild the graphs (python -m graph_construction.build_graphs "
+                       f"--tokens <dataset> --out {graph_dir})")
 
 
 def check_sizes(path, meta: dict, codebook_size: int, seq_len: int):

@@ -8,11 +8,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from libs.atomic_io import atomic_write
+from libs.checkpoint import file_sha256
 from libs.data.tokens import META_FILE, read_token_meta
 from libs.devices import check_device
 from libs.errors import BadInput, UserError
+from libs.graphs.files import check_graph_tokenizer, recorded_tokenizer
 from libs.models.cpu_kernels import CPU_KERNELS
-from libs.models.factory import (DEFAULT_CHECKPOINTS, MODEL_KINDS, backbone_config, check_model_kind,
+from libs.models.factory import (DEFAULT_CHECKPOINTS, GRAPH_KINDS, MODEL_KINDS, backbone_config, check_model_kind,
                                   check_tokenizer_matches, default_kind, tokenizer_config)
 from libs.sampling.decoding import GUIDANCE_SCHEDULES, ORDERS, generate, schedule_from_config
 
@@ -253,6 +255,22 @@ def check_inputs(args, config, sample_seeds: dict = None) -> str:
     except ValueError as e:
         raise BadInput(str(e)) from e
     return pixels
+
+
+def check_graphs_tokenizer(config, kind: str):
+    """For a model with graphs (`kind` in GRAPH_KINDS), BadInput when config.tokenizer.checkpoint's sha256 is not
+    the tokenizer sha256 a graph sidecar of config.graph.dir records; returns that sha256 (hex) when the file was
+    hashed (to reuse in the fingerprint), else None (no graphs, no record, or files absent: their loaders tell)."""
+    if kind not in GRAPH_KINDS:
+        return None
+    g = config.graph
+    names = [n for n, on in (("co", g.use_co), ("sim", g.use_sim), ("incompat", g.use_incompat)) if on]
+    checkpoint = Path(config.tokenizer.checkpoint)
+    if not checkpoint.is_file() or recorded_tokenizer(g.dir, names) is None:
+        return None
+    sha = file_sha256(checkpoint)
+    check_graph_tokenizer(g.dir, names, sha, f"tokenizer checkpoint {checkpoint} (config.tokenizer.checkpoint)")
+    return sha
 
 
 def add_sampling_flags(parser, helps=None):

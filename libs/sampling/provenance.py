@@ -73,10 +73,12 @@ def schedule_record(config, schedule) -> dict:
 
 
 def sampling_fingerprint(config, *, kind: str, checkpoint, schedule, seed: int, label_mode: str, labels,
-                         precision: str, cpu_kernels: str, pixels: str, device, compile: bool = False) -> dict:
+                         precision: str, cpu_kernels: str, pixels: str, device, compile: bool = False,
+                         tokenizer_sha256: str = None) -> dict:
     """What decides a set of samples (see the module docstring); every input file is hashed.
 
-    `compile` (torch.compile of the token model) is recorded only when on (`"compile": true`)."""
+    `compile` (torch.compile of the token model) is recorded only when on (`"compile": true`);
+    `tokenizer_sha256`: the tokenizer checkpoint's sha256 when already computed (else it is hashed here)."""
     graphs = None
     if kind in GRAPH_KINDS:
         paths = graph_paths(config.graph.dir)
@@ -90,7 +92,7 @@ def sampling_fingerprint(config, *, kind: str, checkpoint, schedule, seed: int, 
         "sampler_version": SAMPLER_VERSION,
         "model": kind,
         "checkpoint_sha256": file_sha256(checkpoint),
-        "tokenizer_sha256": file_sha256(config.tokenizer.checkpoint),
+        "tokenizer_sha256": tokenizer_sha256 or file_sha256(config.tokenizer.checkpoint),
         "graphs_sha256": graphs,
         "schedule": schedule_record(config, schedule),
         "seed": int(seed),
