@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from libs.checkpoint import file_sha256
 from libs.cli import ArgumentParser, run_main
 from libs.config import parse_args_with_config
 from libs.config_schema import check_config
@@ -35,14 +36,29 @@ DIVERGED = 1  # exit status of a run stopped by a non-finite value
 
 
 def load_training_tokens(config):
-    """(tokens [N,L], labels [N]) of config.data.path, checked against the model and, in ka_mig mode, made by
-    the tokenizer the graphs' tokens were made with (when both record it); MissingInput / BadInput."""
+    """(tokens [N,L], labels [N]) of config.data.path, checked against the model and made by the tokenizer the
+    graphs' tokens were made with (ka_mig mode) and periodic FID decodes with, where both sides record one;
+    MissingInput / BadInput."""
     tokens, labels, meta = load_tokens_for_model(config.data.path, config.model)
+    recorded, source = meta.get("tokenizer_sha256"), f"token dataset {Path(config.data.path) / META_FILE}"
     used = used_graphs(config)
     if used:
-        check_graph_tokenizer(config.graph.dir, used, meta.get("tokenizer_sha256"),  # paper .npy: "" (none)
-                              f"token dataset {Path(config.data.path) / META_FILE}")
+        check_graph_tokenizer(config.graph.dir, used, recorded, source)  # paper .npy: "" (none)
+    check_fid_tokenizer(config, recorded, source)
     return tokens, labels
+
+
+def check_fid_tokenizer(config, recorded: str, source: str):
+    """BadInput when periodic FID is on and config.tokenizer.checkpoint is not the tokenizer (sha256 `recorded`)
+    that made the training tokens; nothing without a record or a file (check_periodic_fid_inputs tells)."""
+    checkpoint = config.tokenizer.get("checkpoint") if "tokenizer" in config else None
+    if config.train.fid_interval <= 0 or not recorded or not checkpoint or not Path(checkpoint).is_file():
+        return
+    sha = file_sha256(checkpoint)
+    if sha != recorded:
+        raise BadInput(f"periodic FID would decode with tokenizer checkpoint {checkpoint} (config.tokenizer."
+                       f"checkpoint, sha256 {sha[:12]}) but {source} records tokens of tokenizer sha256 "
+                       f"{recorded[:12]}: set config.tokenizer.checkpoint to the tokenizer that made the tokens")
 
 
 def main(argv=None):

@@ -123,3 +123,23 @@ def test_generate_npz_refuses_a_tokenizer_other_than_the_graphs(setup, tmp_path)
                                        f"of tokenizer sha256 {sha_b[:12]}"):
         generate_npz.main(args)
     assert not (tmp_path / "npz" / "samples.npz").exists()
+
+
+def test_periodic_fid_refuses_a_tokenizer_other_than_the_training_tokens(setup, tmp_path):
+    root, _, sha_a, other, sha_b, _ = setup
+
+    def config_for(tokens, fid_interval, checkpoint):
+        config = tiny_config(tmp_path, "pretrain", fid_interval=fid_interval)
+        config.data.path, config.tokenizer.checkpoint = str(tokens), str(checkpoint)
+        return config
+    tokens_b = token_dir(tmp_path / "tok_b", sha_b)
+    with pytest.raises(BadInput) as e:
+        train_graph.load_training_tokens(config_for(tokens_b, 5, root / "vq.ckpt"))
+    assert str(e.value) == (f"periodic FID would decode with tokenizer checkpoint {root / 'vq.ckpt'} (config.tokenizer."
+                            f"checkpoint, sha256 {sha_a[:12]}) but token dataset {tokens_b / 'meta.json'} records "
+                            f"tokens of tokenizer sha256 {sha_b[:12]}: set config.tokenizer.checkpoint to the "
+                            f"tokenizer that made the tokens")
+    assert len(train_graph.load_training_tokens(config_for(tokens_b, 5, other))[0]) == 512  # the same tokenizer
+    assert len(train_graph.load_training_tokens(config_for(tokens_b, 0, root / "vq.ckpt"))[0]) == 512  # no FID
+    tokens_none = token_dir(tmp_path / "tok_none")
+    assert len(train_graph.load_training_tokens(config_for(tokens_none, 5, root / "vq.ckpt"))[0]) == 512
