@@ -143,3 +143,14 @@ def test_periodic_fid_refuses_a_tokenizer_other_than_the_training_tokens(setup, 
     assert len(train_graph.load_training_tokens(config_for(tokens_b, 0, root / "vq.ckpt"))[0]) == 512  # no FID
     tokens_none = token_dir(tmp_path / "tok_none")
     assert len(train_graph.load_training_tokens(config_for(tokens_none, 5, root / "vq.ckpt"))[0]) == 512
+
+
+def test_strategy_search_refuses_a_tokenizer_other_than_the_graphs_before_reading_anything_else(setup, tmp_path):
+    from libs.sampling import strategy_search
+    root, overrides, sha_a, _, sha_b, graphs = setup
+    args = ["--checkpoint", str(root / "ka_mig.pth"), "--num-samples", "4", "--out", str(tmp_path / "search"),
+            "--ref-stats", str(tmp_path / "absent.npz"), "--device", "cpu", *with_graphs(overrides, graphs)]
+    with pytest.raises(BadInput, match=f"has tokenizer sha256 {sha_a[:12]} but the graphs were built from tokens "
+                                       f"of tokenizer sha256 {sha_b[:12]}"):
+        strategy_search.main(args)
+    assert not (tmp_path / "search").exists()

@@ -56,8 +56,8 @@ from libs.evaluation.fid_stats import extract_features, load_reference_stats
 from libs.evaluation.inception import CONVERTED_CACHE, FEATURE_DIM, load_feature_extractor
 from libs.models.factory import DEFAULT_CHECKPOINTS, load_tokenizer_and_model
 from libs.sampling.decoding import Schedule, schedule_from_config
-from libs.sampling.generation import (add_sampling_flags, check_inputs, class_labels, compile_token_model,
-                                      index_generators, sample_images, schedule_args,
+from libs.sampling.generation import (add_sampling_flags, check_graphs_tokenizer, check_inputs, class_labels,
+                                      compile_token_model, index_generators, sample_images, schedule_args,
                                       schedule_from_flags)
 from libs.sampling.provenance import fingerprint_diff, labels_sha256, sampling_fingerprint
 
@@ -388,6 +388,7 @@ def main(argv=None):
     seeds = {"--sample-seed": args.sample_seed, "--heldout-seed-base": args.heldout_seed_base,
              "--heldout-seed-base + --heldout-seeds - 1": max(heldout_seeds(args), default=args.heldout_seed_base)}
     pixels = check_inputs(args, config, sample_seeds=seeds)  # every seed a sample generator is seeded from
+    check_graphs_tokenizer(config, args.model)  # the tokenizer the graphs' tokens were made with, if recorded
     start = start_strategy(args, config)
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINTS[args.model]
     load_reference_stats(args.ref_stats, dims=FEATURE_DIM)  # checked before any sampling
