@@ -20,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from libs.checkpoint import file_sha256
 from libs.cli import ArgumentParser, run_main
 from libs.config import parse_args_with_config
@@ -79,8 +81,15 @@ def main(argv=None):
     tokens, labels = load_training_tokens(config)
     if config.train.fid_interval > 0:
         check_periodic_fid_inputs(config)  # tokenizer and reference statistics, before the first step
-    trainer = Trainer(config, tokens, labels, inputs=lambda: training_inputs(config),
-                      allow_input_change=args.allow_input_change)
+    try:
+        trainer = Trainer(config, tokens, labels, inputs=lambda: training_inputs(config),
+                          allow_input_change=args.allow_input_change)
+    except BaseException:
+        # refused at start (e.g. the run folder is held by another run): the process group accelerate created
+        # goes down here too, or gloo's threads can abort this rank at interpreter shutdown
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise
     eval_fn = periodic_fid if config.train.fid_interval > 0 else None
     try:
         trainer.fit(eval_fn=eval_fn, crash_after_step=args.crash_after_step)
