@@ -2,7 +2,7 @@
 
     python -m benchmarks.maskgit_speed                       # 2 threads, batch 2, 16-step release sampler
     python -m benchmarks.maskgit_speed --batch 4 --repeats 3 --json out.json
-    python -m benchmarks.maskgit_speed --config configs/tiny_ka_maskgit.py   # smoke test (tests/test_benchmark_tools.py)
+    python -m benchmarks.maskgit_speed --config configs/tiny_ka_maskgit.py   # smoke test (tests/test_benchmark_tools)
 
 Random weights (benchmarks.gpu_acceptance.build_models: the same MaskGIT weights in both models, graph modules
 N(0, 0.02), the released G_co / G_s and a random G_p for 1000 classes), so the figures are costs, not image quality.
@@ -15,8 +15,10 @@ alike):
     temperature 4.5, one forward of B rows per step) of MaskGIT and of KA-MaskGIT through FusionCache, and the
     time spent inside KA-MaskGIT's fusion during those runs (class terms once per run + one injection per layer
     and step), timed directly: the figure that load on the machine disturbs least.
-Ratios: of the minimum over runs, and paired by run (each run against the MaskGIT run next to it). The load
-average before and after is printed: other work on the machine inflates single runs.
+Ratios: of the minimum over runs, and paired by run (each run against the MaskGIT run next to it), in wall time
+and in this process's CPU time (less disturbed by other work on the machine: waiting for a core is not counted).
+Last, the fusion alone (one injection, the class terms of a batch, timed in a loop) and what it adds to a sampling
+run. The load average before and after is printed: other work on the machine inflates single runs.
 """
 import argparse
 import os
@@ -61,14 +63,37 @@ def models(config_path: str = CONFIG, seed: int = 0):
     return config, built["maskgit"], built["ka_maskgit"]
 
 
-def seconds(fn) -> float:
-    t0 = time.perf_counter()
+def seconds(fn) -> tuple:
+    """(wall seconds, CPU seconds of this process) of fn(); other work on the machine inflates the first more."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+@torch.no_grad()
+def isolated_fusion(cache: FusionCache, ids, cls, calls: int = 240) -> dict:
+    """Wall seconds of KA-MaskGIT's fusion alone: one injection (mean of `calls`, cycling over the layers) and
+    the class terms of a batch (mean of 3, a new class tensor each)."""
+    model = cache.model
+    terms, inverse = cache.terms_for(cls)
+    inject = model.fused_injection(ids, cache.tables, lambda point, dtype: terms[point].index_select(0, inverse))
+    h = torch.randn(ids.shape[0], ids.shape[1] + 1, model.cfg.embed_dim)  # [B,1+L,dim]
+    depth = len(model.blocks)
+    for j in range(3):
+        inject(j, h)
+    t0 = time.perf_counter()
+    for j in range(calls):
+        inject(j % depth, h)
+    per_inject = (time.perf_counter() - t0) / calls
+    t0 = time.perf_counter()
+    for _ in range(3):
+        cache.terms_for(cls.clone())
+    return {"inject": per_inject, "class_terms": (time.perf_counter() - t0) / 3, "depth": depth}
 
 
 def measure(args) -> dict:
-    """{row: [seconds of each run]} and the fusion seconds of each KA-MaskGIT sampling run."""
+    """{row: [wall seconds of each run]}, the same in CPU seconds, the fusion seconds of each KA-MaskGIT sampling
+    run and the isolated fusion costs."""
     config, bare, ka = models(args.config)
     cache = FusionCache(ka)  # once per set of weights, as the scripts build it after loading
     timer = FusionTimer(cache)
@@ -84,20 +109,27 @@ def measure(args) -> dict:
                choice_temperature=config.sample.temp, generator=torch.Generator().manual_seed(seed))
 
     times = {name: [] for name in (*forwards, *samplers)}
+    cpu = {name: [] for name in times}
     fusion = []
     with torch.no_grad():
         for name, model in forwards.items():  # warm-up: one call each
             model(ids, cls)
         for run in range(args.forward_repeats):
             for name, model in forwards.items():
-                times[name].append(seconds(lambda: model(ids, cls)))
+                wall, used = seconds(lambda: model(ids, cls))
+                times[name].append(wall)
+                cpu[name].append(used)
         for run in range(args.repeats):
             for name, model in samplers.items():
                 before = timer.seconds
-                times[name].append(seconds(lambda: sample(model, run)))
+                wall, used = seconds(lambda: sample(model, run))
+                times[name].append(wall)
+                cpu[name].append(used)
                 if model is cache:
                     fusion.append(timer.seconds - before)
-    return {"times": times, "fusion": fusion, "forward_rows": list(forwards), "sampling_rows": list(samplers)}
+    alone = isolated_fusion(FusionCache(ka), ids, cls)
+    return {"times": times, "cpu": cpu, "fusion": fusion, "isolated": alone, "steps": config.sample.steps,
+            "forward_rows": list(forwards), "sampling_rows": list(samplers)}
 
 
 def ratio_text(values, reference) -> str:
@@ -105,21 +137,30 @@ def ratio_text(values, reference) -> str:
 
 
 def table(result: dict, batch: int, steps: int) -> str:
-    """The Markdown table: min seconds, ratio of mins and paired ratios against the bare MaskGIT row."""
-    t = result["times"]
-    lines = ["| row | seconds (min) | vs MaskGIT (min) | paired by run | every run, s |", "|---|---|---|---|---|"]
-    for group, unit in (("forward_rows", f"forward, batch {batch}"), ("sampling_rows", f"{steps} steps, batch {batch}")):
+    """The Markdown table: min seconds (wall and CPU), ratios of mins and paired ratios against the bare MaskGIT
+    row; then the fusion's share of each KA-MaskGIT sampling run and its isolated cost."""
+    t, c = result["times"], result["cpu"]
+    lines = ["| row | wall s (min) | vs MaskGIT | paired by run (wall) | CPU s (min) | vs MaskGIT (CPU) | "
+             "every run, wall s |", "|---|---|---|---|---|---|---|"]
+    for group, unit in (("forward_rows", f"forward, batch {batch}"),
+                        ("sampling_rows", f"{steps} steps, batch {batch}")):
         rows = result[group]
-        ref = t[rows[0]]
+        ref, ref_cpu = t[rows[0]], c[rows[0]]
         for name in rows:
-            v = t[name]
+            v, u = t[name], c[name]
             lines.append(f"| {name} ({unit}) | {min(v):.3f} | {100 * (min(v) / min(ref) - 1):+.1f}% | "
-                         f"{ratio_text(v, ref) if name != rows[0] else ''} | {' '.join(f'{x:.3f}' for x in v)} |")
-    runs = result["times"][result["sampling_rows"][1]]
+                         f"{ratio_text(v, ref) if name != rows[0] else ''} | {min(u):.3f} | "
+                         f"{100 * (min(u) / min(ref_cpu) - 1):+.1f}% | {' '.join(f'{x:.3f}' for x in v)} |")
+    runs = t[result["sampling_rows"][1]]
     shares = [f / r for f, r in zip(result["fusion"], runs)]
-    lines.append("")
-    lines.append("Time inside KA-MaskGIT's fusion per sampling run: "
-                 + ", ".join(f"{f:.2f} s ({100 * s:.2f}%)" for f, s in zip(result["fusion"], shares)))
+    alone = result["isolated"]
+    per_run = alone["class_terms"] + result["steps"] * alone["depth"] * alone["inject"]
+    bare_run = min(t[result["sampling_rows"][0]])
+    lines += ["", "Time inside KA-MaskGIT's fusion per sampling run: "
+              + ", ".join(f"{f:.2f} s ({100 * s:.2f}%)" for f, s in zip(result["fusion"], shares)),
+              f"Fusion alone: {1e3 * alone['inject']:.3f} ms per injection, {alone['class_terms']:.3f} s of class "
+              f"terms per batch: {per_run:.2f} s per {result['steps']}-step run = {100 * per_run / bare_run:.2f}% of "
+              f"the fastest bare MaskGIT run"]
     return "\n".join(lines)
 
 

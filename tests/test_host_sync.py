@@ -344,7 +344,8 @@ def test_no_maskgit_decode_step_reads_the_device(kind, guidance):
 def test_a_sync_planted_in_a_maskgit_decode_step_is_caught(monkeypatch):
     from libs.sampling import maskgit_decode
     real = maskgit_decode.remask
-    monkeypatch.setattr(maskgit_decode, "remask", lambda conf, lengths: real(conf, lengths.clamp(max=int(lengths.max()))))
+    monkeypatch.setattr(maskgit_decode, "remask",
+                        lambda conf, lengths: real(conf, lengths.clamp(max=int(lengths.max()))))  # a read per step
     with pytest.raises(HostSyncError, match="scalar read"):
         maskgit_decode_watched("maskgit")
 
