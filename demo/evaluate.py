@@ -507,17 +507,17 @@ def main(argv=None):
     if missing:
         raise BadInput(f"{args.what} needs {' '.join(missing)}")
     check_writable(args.out)  # before any work: a path that cannot be written fails now, not after evaluation
-    torch.set_grad_enabled(False)
-    if args.what == "nll":
-        run_nll(config, args.models, args.tokens, args.out)
-    elif args.what == "fid":
-        run_fid(config, args.models, args.samples, args.heldout, args.out, args.reference_features)
-    elif args.what == "curve":
-        run_curve(config, args.run, args.tokens, args.out)
-    elif args.what == "diagnostics":
-        run_diagnostics(config, args.models, args.tokens, args.out)
-    else:
-        run_reference(config, args.heldout, args.out)
+    with torch.no_grad():  # evaluation only; scoped, so a caller in the same process keeps its grad mode
+        if args.what == "nll":
+            run_nll(config, args.models, args.tokens, args.out)
+        elif args.what == "fid":
+            run_fid(config, args.models, args.samples, args.heldout, args.out, args.reference_features)
+        elif args.what == "curve":
+            run_curve(config, args.run, args.tokens, args.out)
+        elif args.what == "diagnostics":
+            run_diagnostics(config, args.models, args.tokens, args.out)
+        else:
+            run_reference(config, args.heldout, args.out)
     return 0
 
 

@@ -51,10 +51,12 @@ def tiny_assets(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps one mixed precision per process: each test starts and ends with its state cleared, so a
-    test that trains in fp16 / bf16 cannot make a later Trainer fail with 'already initialized'."""
+def fresh_process_state():
+    """Process-wide state is checked or cleared after each test: autograd must still be on (an entry point that
+    switched it off would break every later training test), and accelerate's state is cleared (it keeps one mixed
+    precision per process, so a test that trains in fp16 / bf16 would make a later Trainer fail)."""
     yield
+    assert torch.is_grad_enabled(), "the test left autograd switched off for the tests after it"
     from accelerate.state import AcceleratorState, GradientState
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
