@@ -309,6 +309,7 @@ def test_maskgit_speed_runs_every_row_interleaved(tmp_path, capsys):
     ka_runs = times[result["sampling_rows"][1]]
     assert len(result["fusion"]) == 2 and all(0 < f < t for f, t in zip(result["fusion"], ka_runs))
     assert all(len(result["cpu"][r]) == len(times[r]) for r in times)
-    assert result["isolated"]["depth"] == 3 and 0 < result["isolated"]["inject"] < min(ka_runs)
+    alone = result["isolated"]
+    assert alone["depth"] == 3 and 0 < alone["inject"] < min(ka_runs) and alone["class_terms"] > 0
     printed = capsys.readouterr().out
     assert "| KA-MaskGIT sampling, FusionCache (4 steps, batch 2) |" in printed and "load average before" in printed
