@@ -58,8 +58,9 @@ class WeightChoice:
 
 
 def imagenet_files(config_path: str = IMAGENET_CONFIG):
-    """(kind, checkpoint, missing file names) of the published ImageNet weights in assets/: KA-MIG when its
-    weights and the three graphs are there, else the bare AutoNAT-L backbone when nnet_ema.pth is."""
+    """(kind, checkpoint, []) of the published ImageNet weights in assets/: KA-MIG when its weights and the three
+    graphs are there, else the bare AutoNAT-L backbone when nnet_ema.pth is; (None, None, what is missing) if
+    neither."""
     config = resolve_config(config_path, [])
     tokenizer = Path(config.tokenizer.checkpoint)
     graphs = [p for p in graph_paths(config.graph.dir).values()]
@@ -69,8 +70,9 @@ def imagenet_files(config_path: str = IMAGENET_CONFIG):
         return "ka_mig", str(ka_mig[0]), []
     if tokenizer.is_file() and backbone.is_file():
         return "autonat", str(backbone), []
-    missing = [str(p) for p in [tokenizer] if not p.is_file()]
-    missing += [str(p) for p in ka_mig if not p.is_file()] if not backbone.is_file() else []
+    missing = [str(tokenizer)] if not tokenizer.is_file() else []
+    if not backbone.is_file():
+        missing.append(f"{backbone} or {' + '.join(str(p) for p in ka_mig if not p.is_file())}")
     return None, None, missing
 
 
