@@ -112,4 +112,7 @@ def get_config():
     d.heldout_curve = False         # `make demo-assets`: held-out NLL of every saved backbone checkpoint
     d.curve_images = 1000           # held-out images of that curve (the first rows of the held-out tokens)
     d.assets = ASSETS
+    d.backbone_file = "autonat_demo.pth"  # the backbone's weights in `assets` (the other files are named after it)
+    d.train_tokenizer = True        # `make demo-assets` trains the tokenizer (False: reuses the one in `assets`)
+    d.shuffled_graphs = False       # `make demo` also trains KA on graphs with permuted token ids (a 4th model)
     return config

@@ -36,8 +36,10 @@ from libs.errors import MissingInput
 from libs.graphs.files import (graph_paths, load_edge_graph, load_incompatibility, read_meta, save_edge_graph,
                                save_incompatibility)
 from libs.graphs.recipes import unpack_occurrence_torch
+from libs.models.factory import GRAPH_KINDS, backbone_of
 
-CONFIGS = {"fashion_mnist": "configs/demo_fashion.py", "synthetic": "configs/demo.py"}
+CONFIGS = {("fashion_mnist", "autonat"): "configs/demo_fashion.py",
+           ("fashion_mnist", "maskgit"): "configs/demo_fashion_maskgit.py", ("synthetic", "autonat"): "configs/demo.py"}
 ABLATION_OUTPUTS = ("logs", "tokens", "graphs", "graphs_shuffled", "runs", "samples", "models.json", "nll.npz",
                     "fid.json", "diagnostics.json", "ablation.json")
 
@@ -309,13 +311,14 @@ def write_report(out, config, specs, entries, seconds: dict, wall: float, n_thre
     meta["reading"] = reading(rows, nll, diag)
     result = {"meta": meta, "rows": rows, "nll": nll, "fid": fid, "diagnostics": diag, "shuffle": shuffle_info,
               "train_logs": {e["name"]: read_train_log(out / "runs" / e["name"] / "log.csv") for e in entries
-                             if e["kind"] == "ka_mig"},
+                             if e["kind"] in GRAPH_KINDS},
               "stage_seconds": seconds, "total_seconds": round(wall, 2)}
     write_json(out / "ablation.json", result)
     md = markdown(rows, nll, fid, diag, meta)
     if write_benchmarks:
-        atomic_write_text(REPO_ROOT / "benchmarks" / "ABLATION.md", md)
-        atomic_write_text(REPO_ROOT / "benchmarks" / "ablation.csv", csv_text(rows))
+        suffix = "" if backbone_of(config) == "autonat" else f"_{backbone_of(config)}"  # one table per host
+        atomic_write_text(REPO_ROOT / "benchmarks" / f"ABLATION{suffix.upper()}.md", md)
+        atomic_write_text(REPO_ROOT / "benchmarks" / f"ablation{suffix}.csv", csv_text(rows))
     print("\n" + md, flush=True)
     return result
 
@@ -342,6 +345,8 @@ def report_only(config_file, overrides, out, write_benchmarks=True) -> dict:
 def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion_mnist", choices=sorted(DATASETS))
+    parser.add_argument("--backbone", default="autonat", choices=("autonat", "maskgit"),
+                        help="the frozen backbone: autonat (default) or maskgit (Fashion-MNIST only)")
     parser.add_argument("--config", default=None, help="demo config (default: the dataset's demo config)")
     parser.add_argument("--out", default="output/ablation", help="output folder")
     parser.add_argument("--data", default=None, help="data root (default config.demo.data_root)")
@@ -352,12 +357,16 @@ def main(argv=None):
     parser.add_argument("--no-write-benchmarks", action="store_true",
                         help="do not write benchmarks/ABLATION.md and benchmarks/ablation.csv")
     args, overrides = parse_demo_args(parser, argv)
-    config_file = args.config or CONFIGS[DATASETS[args.dataset]]
+    key = (DATASETS[args.dataset], args.backbone)
+    if key not in CONFIGS and not args.config:
+        parser.error(f"--backbone {args.backbone} has no default config for --dataset {args.dataset} (give --config)")
+    config_file = args.config or CONFIGS[key]
     try:
         load_demo_config(config_file, overrides)
     except (KeyError, ValueError, FileNotFoundError) as e:
         parser.error(str(e.args[0] if e.args else e))
-    command = "make ablation" + (f" DATA={args.dataset}" if args.dataset != "fashion_mnist" else "")
+    command = "make ablation" + (f" DATA={args.dataset}" if args.dataset != "fashion_mnist" else "") + \
+        (f" BACKBONE={args.backbone}" if args.backbone != "autonat" else "")
     if args.report_only:
         return driver_main("ablation", lambda: report_only(config_file, overrides, args.out,
                                                            not args.no_write_benchmarks))

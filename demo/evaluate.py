@@ -37,8 +37,7 @@ from libs.data.tokens import load_tokens_for_model
 from libs.errors import BadInput, MissingInput
 from libs.evaluation import metrics
 from libs.evaluation.nll import masked_nll, t_interval
-from libs.models.autonat import AutoNAT
-from libs.models.factory import MODEL_KINDS, backbone_config, check_model_kind, load_model
+from libs.models.factory import GRAPH_KINDS, MODEL_KINDS, build_model, check_model_kind, load_model, model_kind
 
 # ----------------------------------------------------------------------------- models
 
@@ -388,7 +387,7 @@ def run_curve(config, run_dir, tokens_path, out):
     steps = checkpoint_steps(run_dir)
     if not steps:
         raise MissingInput(f"no checkpoints in {Path(run_dir) / 'checkpoints'}")
-    model = AutoNAT(backbone_config(config.model)).eval()
+    model = build_model(config, model_kind(config, graphs=False)).eval()  # AutoNAT or MaskGIT (config.backbone)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     check_pretrain_state(torch.load(steps[-1][1], map_location="cpu", weights_only=True), steps[-1][1], base)
     tokens, labels, _ = heldout_tokens(tokens_path, config, d.curve_images)
@@ -417,7 +416,7 @@ def run_curve(config, run_dir, tokens_path, out):
         rows.append(row)
         prev = step
         print(f"  step {step:6d}: held-out NLL raw {row['raw_nll']:.4f}, EMA {row['ema_nll']:.4f} "
-              f"(train loss {row['train_loss']:.4f}, label smoothing 0.1)", flush=True)
+              f"(train loss {row['train_loss']:.4f}, label smoothing {config.train.label_smoothing:g})", flush=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
@@ -473,7 +472,7 @@ def fusion_diagnostics(model, tokens, labels, ratio: float = 0.5, seed: int = 0)
 
 
 def run_diagnostics(config, models_file, tokens_path, out, images: int = 500):
-    entries = [e for e in read_models(models_file, config) if e["kind"] == "ka_mig"]
+    entries = [e for e in read_models(models_file, config) if e["kind"] in GRAPH_KINDS]
     tokens, labels, _ = heldout_tokens(tokens_path, config, images)
     result = {}
     for e in entries:

@@ -24,15 +24,15 @@ from libs.atomic_io import atomic_write, atomic_write_json
 from libs.checkpoint import file_sha256
 from libs.config import resolve_config, split_overrides
 from libs.errors import BadInput, MissingInput, UserError, one_line
+from libs.models.factory import backbone_of, model_kind
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_FILE = "vqgan_demo.pth"
-BACKBONE_FILE = "autonat_demo.pth"
+BACKBONE_FILE = "autonat_demo.pth"  # config.demo.backbone_file of the AutoNAT demos
 MANIFEST_FILE = "manifest.json"
-CURVE_FILE = "autonat_demo_heldout_curve"  # .csv and .png
 # what run_demo writes into its output folder (removed at the start of a run; nothing else is touched)
-DEMO_OUTPUTS = ("logs", "tokens", "graphs", "runs", "samples", "models.json", "nll.npz", "fid.json",
-                "grid_backbone.png", "grid_control.png", "grid_ka_mig.png", "comparison.png", "curves.png",
+DEMO_OUTPUTS = ("logs", "tokens", "graphs", "graphs_shuffled", "runs", "samples", "models.json", "nll.npz", "fid.json",
+                "grid_backbone.png", "grid_control.png", "grid_ka_mig.png", "grid_shuffled.png", "comparison.png", "curves.png",
                 "metrics.json", "summary.txt",
                 "ka_mig", "grid_runs", "fid_ka_mig", "fid_backbone", "fid_ref_val.npz")  # the last five: older demos
 ASSET_OUTPUTS = ("logs", "tokens", "backbone", "tokenizer.pth", "tokenizer.pth.json", "curve.csv",
@@ -60,7 +60,8 @@ class ModelSpec:
 
     trained False: the backbone as is. trained True with no graphs: the head-only control (a KA-MIG with every
     graph switched off, so only `mlm_layer` trains). Otherwise KA-MIG with `graphs` on, encoded by `gnn`;
-    `shuffled` uses graphs whose token ids were permuted (same structure, knowledge destroyed).
+    `shuffled` uses graphs whose token ids were permuted (same structure, knowledge destroyed). On the MaskGIT
+    host (config.backbone 'maskgit') the same specs build MaskGIT / KA-MaskGIT (`kind`, `shown_label`).
     """
     name: str                   # key and folder name
     label: str                  # shown in tables and figures
@@ -70,9 +71,13 @@ class ModelSpec:
     shuffled: bool = False
     seed: int = None            # training seed (None: the config's)
 
-    @property
-    def kind(self) -> str:
-        return "ka_mig" if self.trained else "autonat"
+    def kind(self, config) -> str:
+        """The model kind on config's backbone: 'autonat' / 'ka_mig', or 'maskgit' / 'ka_maskgit'."""
+        return model_kind(config, graphs=self.trained)
+
+    def shown_label(self, config) -> str:
+        """`label`, naming the knowledge-augmented model after config's backbone (KA-MIG or KA-MaskGIT)."""
+        return self.label.replace("KA-MIG", host_name(config))
 
     def overrides(self, graph_dir) -> list:
         """--config.* overrides that make train_graph.py / generate_npz.py build (and train) this model."""
@@ -86,7 +91,19 @@ class ModelSpec:
 BACKBONE = ModelSpec("backbone", "backbone", trained=False)
 CONTROL = ModelSpec("control", "control (head only)")
 KA_MIG = ModelSpec("ka_mig", "KA-MIG", GRAPHS)
+SHUFFLED = ModelSpec("shuffled", "KA-MIG, shuffled graphs", GRAPHS, shuffled=True)
 DEMO_MODELS = (BACKBONE, CONTROL, KA_MIG)
+
+
+def host_name(config) -> str:
+    """What the knowledge-augmented model of config's backbone is called: 'KA-MIG' (AutoNAT) or 'KA-MaskGIT'."""
+    return "KA-MaskGIT" if backbone_of(config) == "maskgit" else "KA-MIG"
+
+
+def demo_models(config) -> tuple:
+    """The models of `make demo`: backbone, control, KA, and with config.demo.shuffled_graphs the shuffled-graph
+    KA (the same modules trained on graphs whose token ids were permuted)."""
+    return DEMO_MODELS + ((SHUFFLED,) if config.demo.get("shuffled_graphs", False) else ())
 
 
 # ----------------------------------------------------------------------------- running stages
@@ -285,6 +302,16 @@ def read_train_log(path: Path) -> list:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
+def asset_names(d) -> dict:
+    """Names of the files one backbone has in demo.assets (d: config.demo), all named after d.backbone_file:
+    weights, training log, held-out curve (.csv and .png) and manifest (the AutoNAT demo's is manifest.json).
+    The tokenizer and the FID reference features are shared by every backbone of a data set."""
+    backbone = d.get("backbone_file", BACKBONE_FILE)
+    stem = backbone.rsplit(".", 1)[0]
+    return {"backbone": backbone, "log": f"{stem}_log.csv", "curve": f"{stem}_heldout_curve",
+            "manifest": MANIFEST_FILE if backbone == BACKBONE_FILE else f"{stem}_manifest.json"}
+
+
 # ----------------------------------------------------------------------------- shared stages
 
 
@@ -315,13 +342,14 @@ def run_models(runner, config, config_file, common, specs, out, p, threads, grap
     for spec in specs:
         gdir = graph_dirs.get(spec.name, p["graphs"])
         ckpt = out / "runs" / spec.name / "model_ema.safetensors" if spec.trained else p["backbone"]
-        entries.append({"name": spec.name, "label": spec.label, "kind": spec.kind, "checkpoint": str(ckpt),
+        entries.append({"name": spec.name, "label": spec.shown_label(config), "kind": spec.kind(config),
+                        "checkpoint": str(ckpt),
                         "overrides": spec.overrides(gdir), "spec": asdict(spec)})
         if spec.trained:
             graphs = "+".join(GRAPH_SYMBOL[g] for g in spec.graphs) or "no graph (only mlm_layer trains)"
             runner.run(f"train_{spec.name}", ["train_graph.py", *common, f"--config.output_dir={out / 'runs'}",
                                               f"--config.run_name={spec.name}", *spec.overrides(gdir)],
-                       f"{spec.label}: {graphs}{' (shuffled)' if spec.shuffled else ''}"
+                       f"{spec.shown_label(config)}: {graphs}{' (shuffled)' if spec.shuffled else ''}"
                        f"{' with GAT' if spec.gnn == 'gat' else ''} on the frozen backbone, "
                        f"{config.train.n_steps} steps of {config.train.batch_size}")
     write_json(out / "models.json", entries)
@@ -351,7 +379,7 @@ def demo_paths(out: Path, assets: Path, data_root: Path, d) -> dict:
     """Every file and folder run_demo reads or writes (d: config.demo)."""
     return {"tokens": out / "tokens" / "train", "heldout_tokens": out / "tokens" / d.heldout_split,
             "heldout_images": data_root / d.heldout_split, "graphs": out / "graphs", "logs": out / "logs",
-            "tokenizer": assets / TOKENIZER_FILE, "backbone": assets / BACKBONE_FILE,
+            "tokenizer": assets / TOKENIZER_FILE, "backbone": assets / asset_names(d)["backbone"],
             "reference": assets / d.reference_features if d.reference_features else None}
 
 
@@ -410,17 +438,29 @@ def run_demo(config_file, overrides, out, data_root=None, assets=None, threads=0
     config_file, config, out, data_root, p, cfg_overrides, common = prepare_run(
         config_file, overrides, out, data_root, assets, DEMO_OUTPUTS, fashion_mnist)
     n_threads, why = pick_threads(threads)
-    specs = DEMO_MODELS
-    runner = Runner(p["logs"], n_threads, total_stages=6 + 2 * len(specs))
-    print(f"KA-MIG CPU demo ({config.demo.source}) -> {out}\n  config {config_file}; data {data_root}; "
+    specs = demo_models(config)
+    shuffled = SHUFFLED in specs
+    runner = Runner(p["logs"], n_threads, total_stages=6 + shuffled + 2 * len(specs))
+    print(f"{host_name(config)} CPU demo ({config.demo.source}) -> {out}\n  config {config_file}; data {data_root}; "
           f"weights {p['backbone'].parent}; threads {n_threads} ({why})", flush=True)
     prepare_tokens_and_graphs(runner, config, config_file, cfg_overrides, common, data_root, p, fashion_mnist,
                               n_threads)
-    entries = run_models(runner, config, config_file, common, specs, out, p, n_threads)
+    graph_dirs = {}
+    if shuffled:
+        from demo.ablation import shuffle_graphs
+        graph_dirs["shuffled"] = out / "graphs_shuffled"
+        runner.timed("shuffle_graphs", shuffle_graphs, p["graphs"], graph_dirs["shuffled"],
+                     config.model.codebook_size, seed=0)
+    entries = run_models(runner, config, config_file, common, specs, out, p, n_threads, graph_dirs)
     return report.demo_report(config, config_file, overrides, out, p, entries, runner, n_threads, why, t_start)
 
 
 # ----------------------------------------------------------------------------- make demo-assets
+
+
+def tokenizer_report(path: Path):
+    """The training report demo/train_tokenizer.py wrote next to the tokenizer, or None when it is absent."""
+    return json.loads(path.read_text())["report"] if path.is_file() else None
 
 
 def build_assets(config_file, backbone_config_file, overrides, work, assets, data_root=None, threads=0,
@@ -440,6 +480,8 @@ def build_assets(config_file, backbone_config_file, overrides, work, assets, dat
     d = config.demo
     work, assets = resolve(work), resolve(assets)
     data_root = resolve(data_root) if data_root else repo_path(d.data_root + "_assets")
+    names = asset_names(d)
+    train_tokenizer = bool(d.get("train_tokenizer", True))
     previous = None
     if resume and (work / "segments.json").is_file():
         previous = json.loads((work / "segments.json").read_text())
@@ -448,16 +490,21 @@ def build_assets(config_file, backbone_config_file, overrides, work, assets, dat
         clean_outputs(work, ASSET_OUTPUTS + ("segments.json",))
     work.mkdir(parents=True, exist_ok=True)
     n_threads, why = pick_threads(threads)
-    curve, reference = bool(d.heldout_curve), bool(d.reference_features)
-    runner = Runner(work / "logs", n_threads, total_stages=6 + curve + reference)
-    tokenizer, tokens, heldout_tokens = work / "tokenizer.pth", work / "tokens" / "train", work / "tokens" / "heldout"
+    # without train_tokenizer the committed tokenizer is reused, and with it the reference features (of images)
+    curve, reference = bool(d.heldout_curve), bool(d.reference_features) and train_tokenizer
+    runner = Runner(work / "logs", n_threads, total_stages=5 + train_tokenizer + curve + reference)
+    tokenizer = work / "tokenizer.pth" if train_tokenizer else assets / TOKENIZER_FILE
+    tokens, heldout_tokens = work / "tokens" / "train", work / "tokens" / "heldout"
+    if not train_tokenizer and not tokenizer.is_file():
+        raise MissingInput(f"demo tokenizer not found: {tokenizer} (config.demo.train_tokenizer is false: this "
+                           f"backbone reuses the data set's tokenizer; build it first with `make demo-assets`)")
     print(f"demo assets ({d.source}) -> {assets} (work folder {work}); threads {n_threads} ({why})", flush=True)
     cfg_overrides = [f"--config.{k}={v}" for k, v in overrides]
     data_overrides = [*cfg_overrides, f"--config.demo.train_per_class={d.assets_train_per_class}"]
     train_n = "all" if d.assets_train_per_class <= 0 else d.assets_train_per_class
     data_stage(runner, config_file, data_overrides, data_root, fashion_mnist,
                f"{d.source}: {train_n} train images per class + {d.heldout_per_class} held-out per class")
-    if not (resume and tokenizer.is_file()):
+    if train_tokenizer and not (resume and tokenizer.is_file()):
         runner.run("tokenizer", ["-m", "demo.train_tokenizer", "--config", str(config_file), *cfg_overrides,
                                  "--data", str(data_root / "train"), "--val", str(data_root / d.heldout_split),
                                  "--out", str(tokenizer)],
@@ -470,7 +517,8 @@ def build_assets(config_file, backbone_config_file, overrides, work, assets, dat
     runner.run("backbone", ["train_graph.py", "--config", str(backbone_config_file), *cfg_overrides,
                             f"--config.output_dir={work}", "--config.run_name=backbone",
                             f"--config.data.path={tokens}", f"--config.tokenizer.checkpoint={tokenizer}"],
-               f"pretrain the demo AutoNAT backbone (train_graph.py, mode pretrain), {backbone_cfg.train.n_steps} "
+               f"pretrain the demo {backbone_of(backbone_cfg)} backbone (train_graph.py, mode pretrain), "
+               f"{backbone_cfg.train.n_steps} "
                f"steps of {backbone_cfg.train.batch_size}")
     if curve:
         runner.run("heldout_curve", ["-m", "demo.evaluate", "curve", "--config", str(backbone_config_file),
@@ -484,21 +532,24 @@ def build_assets(config_file, backbone_config_file, overrides, work, assets, dat
                    f"Inception features of the {d.fid_reference_per_class * config.model.num_classes} held-out "
                    f"FID reference images")
     assets.mkdir(parents=True, exist_ok=True)
-    copy_atomic(tokenizer, assets / TOKENIZER_FILE)
-    copy_atomic(Path(str(tokenizer) + ".json"), assets / (TOKENIZER_FILE + ".json"))
-    copy_atomic(work / "backbone" / "model_ema.safetensors", assets / BACKBONE_FILE)
-    copy_atomic(work / "backbone" / "log.csv", assets / "autonat_demo_log.csv")
-    files = [TOKENIZER_FILE, BACKBONE_FILE]
+    if train_tokenizer:
+        copy_atomic(tokenizer, assets / TOKENIZER_FILE)
+        copy_atomic(Path(str(tokenizer) + ".json"), assets / (TOKENIZER_FILE + ".json"))
+    copy_atomic(work / "backbone" / "model_ema.safetensors", assets / names["backbone"])
+    copy_atomic(work / "backbone" / "log.csv", assets / names["log"])
+    files = [TOKENIZER_FILE, names["backbone"]]
+    curve_csv = assets / f"{names['curve']}.csv"
     if curve:
-        copy_atomic(work / "curve.csv", assets / f"{CURVE_FILE}.csv")
-        report.curve_figure(assets / f"{CURVE_FILE}.csv", assets / "autonat_demo_log.csv", assets / f"{CURVE_FILE}.png")
+        copy_atomic(work / "curve.csv", curve_csv)
+        report.curve_figure(curve_csv, assets / names["log"], assets / f"{names['curve']}.png")
     if reference:
         copy_atomic(work / "reference.npz", assets / d.reference_features)
         files.append(d.reference_features)
     log = read_train_log(work / "backbone" / "log.csv")
     manifest = {
-        "recipe": "make demo-assets (python -m demo.make_assets): demo/make_data.py -> demo/train_tokenizer.py -> "
-                  "extract_imagenet_feature.py -> train_graph.py (mode pretrain)"
+        "recipe": "make demo-assets (python -m demo.make_assets): demo/make_data.py -> "
+                  + ("demo/train_tokenizer.py" if train_tokenizer else f"the committed {TOKENIZER_FILE}")
+                  + " -> extract_imagenet_feature.py -> train_graph.py (mode pretrain)"
                   + (" -> demo/evaluate.py curve" if curve else "")
                   + (" -> demo/evaluate.py reference" if reference else ""),
         "source": d.source,
@@ -506,7 +557,7 @@ def build_assets(config_file, backbone_config_file, overrides, work, assets, dat
         "overrides": cfg_overrides,
         "files": {name: {"bytes": (assets / name).stat().st_size, "sha256": file_sha256(assets / name)}
                   for name in files},
-        "tokenizer": json.loads((assets / (TOKENIZER_FILE + ".json")).read_text())["report"],
+        "tokenizer": tokenizer_report(assets / (TOKENIZER_FILE + ".json")),
         "backbone": {"steps": int(backbone_cfg.train.n_steps), "batch_size": int(backbone_cfg.train.batch_size),
                      **report.loss_start_end(log)},
         "stage_seconds": dict(runner.seconds), "total_seconds": round(time.time() - t_start, 2),
@@ -519,8 +570,8 @@ def build_assets(config_file, backbone_config_file, overrides, work, assets, dat
         manifest["segments"] = segments
         manifest["total_seconds_all_segments"] = round(sum(seg["total_seconds"] for seg in segments), 2)
     if curve:
-        manifest["heldout_curve"] = report.read_curve(assets / f"{CURVE_FILE}.csv")[-1]
-    write_json(assets / MANIFEST_FILE, manifest)
+        manifest["heldout_curve"] = report.read_curve(curve_csv)[-1]
+    write_json(assets / names["manifest"], manifest)
     total = sum(f["bytes"] for f in manifest["files"].values())
     print(f"\nwrote {assets}: {', '.join(manifest['files'])} ({total / 2 ** 20:.1f} MiB) in "
           f"{manifest['total_seconds']:.0f} s", flush=True)

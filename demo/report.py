@@ -12,9 +12,10 @@ from demo import figures
 from libs.atomic_io import atomic_write, atomic_write_text
 from libs.data.images import list_image_folder, read_rgb
 from libs.evaluation.nll import paired_difference, t_interval
+from libs.models.factory import GRAPH_KINDS
 
 # (a, b): the paired differences a - b the demo reports, when both models are present
-DEMO_PAIRS = (("ka_mig", "control"), ("ka_mig", "backbone"), ("control", "backbone"))
+DEMO_PAIRS = (("ka_mig", "control"), ("ka_mig", "backbone"), ("control", "backbone"), ("ka_mig", "shuffled"))
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -151,16 +152,17 @@ def demo_figures(out: Path, p: dict, entries: list, nll: dict, train_logs: dict,
 def demo_report(config, config_file, overrides, out: Path, p: dict, entries: list, runner, threads, why,
                 t_start) -> dict:
     """metrics.json, summary.txt and the figures of a demo run; returns the metrics."""
-    from demo.pipeline import read_train_log, write_json
+    from demo.pipeline import host_name, read_train_log, write_json
     d = config.demo
     nll = nll_summary(out / "nll.npz", d.ci_level)
     fid = json.loads((out / "fid.json").read_text())
     train_logs = {e["name"]: read_train_log(out / "runs" / e["name"] / "log.csv") for e in entries
-                  if e["kind"] == "ka_mig"}
+                  if e["kind"] in GRAPH_KINDS}
     class_names, _ = list_image_folder(p["heldout_images"])
     outputs = demo_figures(out, p, entries, nll, train_logs, class_names, d)
     metrics = {
         "source": d.source,
+        "host": host_name(config),
         "models": {e["name"]: {"label": e["label"], "kind": e["kind"], "checkpoint": e["checkpoint"],
                                "overrides": e["overrides"]} for e in entries},
         "nll": nll,
@@ -194,11 +196,22 @@ def verdicts(m: dict) -> dict:
         out[f"nll {key}"] = verdict(v["overall"], labels[a], labels[b], "nats")
         out[f"nll {key} beyond noise"] = bool(v["overall"]["hi"] < 0)
     for a, b in DEMO_PAIRS:
-        key = f"{a}-{b}"
-        if key in m["fid"]["differences"]:
-            out[f"fid {key}"] = verdict(m["fid"]["differences"][key], labels[a], labels[b], "FID")
-            out[f"fid {key} beyond noise"] = bool(m["fid"]["differences"][key]["hi"] < 0)
+        v = fid_difference(m["fid"], a, b)
+        if v is not None:
+            out[f"fid {a}-{b}"] = verdict(v, labels[a], labels[b], "FID")
+            out[f"fid {a}-{b} beyond noise"] = bool(v["hi"] < 0)
     return out
+
+
+def fid_difference(fid: dict, a: str, b: str):
+    """FID(a) - FID(b) with its interval from fid.json's differences (stored for either order), or None."""
+    diffs = fid["differences"]
+    if f"{a}-{b}" in diffs:
+        return diffs[f"{a}-{b}"]
+    if f"{b}-{a}" in diffs:
+        v = diffs[f"{b}-{a}"]
+        return {**v, "diff": -v["diff"], "lo": -v["hi"], "hi": -v["lo"]}
+    return None
 
 
 def summary_text(m: dict, out: Path) -> str:
@@ -206,34 +219,34 @@ def summary_text(m: dict, out: Path) -> str:
     nll, fid = m["nll"], m["fid"]
     level = int(round(100 * nll["level"]))
     labels = {n: v["label"] for n, v in m["models"].items()}
-    lines = ["=" * 100, f"KA-MIG CPU demo ({m['source']}): summary", "",
+    host = m.get("host", "KA-MIG")
+    lines = ["=" * 100, f"{host} CPU demo ({m['source']}): summary", "",
              f"Held-out masked-token NLL (nats; lower is better) on {nll['n_images']} held-out images, mask ratios "
              f"{', '.join(f'{r:g}' for r in nll['ratios'])} (fixed seeded masks, the same for every model); "
              f"{level}% t intervals over images:"]
-    head = f"  {'model':<24}{'overall':>28}" + "".join(f"{f'r={r:g}':>12}" for r in nll["ratios"])
+    head = f"  {'model':<30}{'overall':>28}" + "".join(f"{f'r={r:g}':>12}" for r in nll["ratios"])
     lines.append(head)
     for name, v in nll["models"].items():
         o = v["overall"]
-        lines.append(f"  {labels[name]:<24}{o['mean']:>10.4f} [{o['lo']:.4f}, {o['hi']:.4f}]"
+        lines.append(f"  {labels[name]:<30}{o['mean']:>10.4f} [{o['lo']:.4f}, {o['hi']:.4f}]"
                      + "".join(f"{c['mean']:>12.4f}" for c in v["per_ratio"]))
     lines.append("  paired differences (per-image, same masks):")
     for key, v in nll["differences"].items():
         a, b = key.split("-")
         o = v["overall"]
-        lines.append(f"  {labels[a] + ' - ' + labels[b]:<40}{num(o['mean']):>10} [{num(o['lo'])}, {num(o['hi'])}]"
+        lines.append(f"  {labels[a] + ' - ' + labels[b]:<46}{num(o['mean']):>10} [{num(o['lo'])}, {num(o['hi'])}]"
                      + "  per ratio " + " ".join(num(c["mean"]) for c in v["per_ratio"]))
     sp = fid["spread"]
     lines += ["", f"FID (lower is better), {fid['n_samples']} samples per model (same labels and seeds) against "
                   f"{fid['n_reference']} held-out images ({fid['reference']['features']}); {level}% interval = "
                   f"FID +- {sp['z']:.2f} SD, SD from {sp['subsets']} random halves (delete-half jackknife):"]
     for name, v in fid["models"].items():
-        lines.append(f"  {labels[name]:<24}FID {v['fid']:8.2f} [{v['lo']:.2f}, {v['hi']:.2f}]   "
+        lines.append(f"  {labels[name]:<30}FID {v['fid']:8.2f} [{v['lo']:.2f}, {v['hi']:.2f}]   "
                      f"precision {v['precision']:.3f}  recall {v['recall']:.3f}")
     for a, b in DEMO_PAIRS:
-        key = f"{a}-{b}"
-        if key in fid["differences"]:
-            v = fid["differences"][key]
-            lines.append(f"  {labels[a] + ' - ' + labels[b]:<40}{v['diff']:>+8.2f} [{v['lo']:+.2f}, {v['hi']:+.2f}]")
+        v = fid_difference(fid, a, b)
+        if v is not None:
+            lines.append(f"  {labels[a] + ' - ' + labels[b]:<46}{v['diff']:>+8.2f} [{v['lo']:+.2f}, {v['hi']:+.2f}]")
     lines += ["", "As measured on this run:"]
     for key, sentence in m["verdicts"].items():
         if not key.endswith("beyond noise"):
@@ -242,7 +255,7 @@ def summary_text(m: dict, out: Path) -> str:
               "  they do not cover training randomness (one training seed per model): `make ablation` trains the",
               "  control and KA-MIG with a second seed, and a shuffled-graph control of the same size."]
     runs = m["train"]["runs"]
-    lines += ["", f"Training (control and KA-MIG alike): {m['train']['steps']} steps of {m['train']['batch_size']}, "
+    lines += ["", f"Training (control and {host} alike): {m['train']['steps']} steps of {m['train']['batch_size']}, "
                   f"lr {m['train']['lr']:g}, seed {m['train']['seed']}; loss (first -> last 3 logged steps): "
                   + "; ".join(f"{labels[n]} {fmt(r['loss_start'])} -> {fmt(r['loss_end'])}" for n, r in runs.items())]
     times = ", ".join(f"{k} {v:.0f}s" for k, v in m["stage_seconds"].items())

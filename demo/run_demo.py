@@ -4,6 +4,8 @@
     python -m demo.run_demo --dataset synthetic        # procedural images, configs/demo.py -> output/demo_synthetic/
     python -m demo.run_demo --fashion-mnist DIR        # the idx files from DIR (e.g. torchvision's FashionMNIST/raw)
     python -m demo.run_demo --smoke                    # a tiny run for the tests (configs/demo_*smoke.py)
+    python -m demo.run_demo --backbone maskgit         # the MaskGIT host: KA-MaskGIT, control, MaskGIT and
+                                                       # shuffled-graph KA-MaskGIT (configs/demo_fashion_maskgit.py)
 Runs demo.make_data, extract_imagenet_feature.py (train and held-out), graph_construction.build_graphs,
 train_graph.py (control and KA-MIG), demo.evaluate nll, generate_npz.py (each model) and demo.evaluate fid as
 subprocesses; writes grids, comparison.png, curves.png, metrics.json, summary.txt and logs/ to the output folder.
@@ -13,15 +15,20 @@ import argparse
 from demo.pipeline import DATASETS, driver_main, load_demo_config, parse_demo_args, run_demo
 from libs.cli import ArgumentParser
 
-CONFIGS = {("fashion_mnist", False): "configs/demo_fashion.py",
-           ("fashion_mnist", True): "configs/demo_fashion_smoke.py",
-           ("synthetic", False): "configs/demo.py", ("synthetic", True): "configs/demo_smoke.py"}
+CONFIGS = {("fashion_mnist", "autonat", False): "configs/demo_fashion.py",
+           ("fashion_mnist", "autonat", True): "configs/demo_fashion_smoke.py",
+           ("fashion_mnist", "maskgit", False): "configs/demo_fashion_maskgit.py",
+           ("fashion_mnist", "maskgit", True): "configs/demo_fashion_maskgit_smoke.py",
+           ("synthetic", "autonat", False): "configs/demo.py", ("synthetic", "autonat", True): "configs/demo_smoke.py"}
 
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion_mnist", choices=sorted(DATASETS),
                         help="fashion_mnist (default) or synthetic (the procedural images); picks the default config")
+    parser.add_argument("--backbone", default="autonat", choices=("autonat", "maskgit"),
+                        help="the frozen backbone: autonat (default) or maskgit (Fashion-MNIST only); picks the "
+                             "default config")
     parser.add_argument("--config", default=None,
                         help="demo config (default configs/demo_fashion.py, configs/demo.py with --dataset synthetic; "
                              "the *_smoke.py ones with --smoke); override any value with --config.<key>=<value>")
@@ -35,7 +42,10 @@ def main(argv=None):
                              "/usr/share/datasets/fashion-mnist, else data/fashion-mnist, else fetched with apt-get)")
     args, overrides = parse_demo_args(parser, argv)
 
-    config_file = args.config or CONFIGS[(DATASETS[args.dataset], args.smoke)]
+    key = (DATASETS[args.dataset], args.backbone, args.smoke)
+    if key not in CONFIGS and not args.config:
+        parser.error(f"--backbone {args.backbone} has no default config for --dataset {args.dataset} (give --config)")
+    config_file = args.config or CONFIGS[key]
     try:
         config = load_demo_config(config_file, overrides)  # unknown keys fail here, before any work
     except (KeyError, ValueError, FileNotFoundError) as e:

@@ -225,7 +225,7 @@ RULES = {
     # the demo drivers (demo/)
     "demo.source": choice(*DEMO_SOURCES),
     "demo.data_root": text(nonempty=True),
-    "demo.train_per_class": integer(1),
+    "demo.train_per_class": integer(0, also=" (0: the whole training split)"),
     "demo.assets_train_per_class": integer(0, also=" (0: the whole training split)"),
     "demo.heldout_split": Rule("a split name other than 'train'", lambda v: isinstance(v, str) and v not in ("", "train")),
     "demo.heldout_per_class": integer(1),
@@ -249,6 +249,10 @@ RULES = {
     "demo.heldout_curve": boolean(),
     "demo.curve_images": integer(1),
     "demo.assets": text(),
+    "demo.backbone_file": Rule("a file name ending in .pth or .safetensors (no folder)",
+                               lambda v: isinstance(v, str) and "/" not in v and v.endswith((".pth", ".safetensors"))),
+    "demo.train_tokenizer": boolean(),
+    "demo.shuffled_graphs": boolean(),
 }
 
 

@@ -239,12 +239,63 @@ def test_control_is_ka_mig_without_graphs_and_trains_only_the_head(tmp_path):
 def test_model_specs_give_the_graph_switches():
     from demo.pipeline import BACKBONE, CONTROL, DEMO_MODELS, KA_MIG
     assert [s.name for s in DEMO_MODELS] == ["backbone", "control", "ka_mig"]
-    assert BACKBONE.overrides("g") == [] and BACKBONE.kind == "autonat"
+    from configs import demo_fashion
+    assert BACKBONE.overrides("g") == [] and BACKBONE.kind(demo_fashion.get_config()) == "autonat"
     assert CONTROL.overrides("g")[:3] == ["--config.graph.use_co=false", "--config.graph.use_sim=false",
                                           "--config.graph.use_incompat=false"]
     assert KA_MIG.overrides("g")[:3] == ["--config.graph.use_co=true", "--config.graph.use_sim=true",
                                          "--config.graph.use_incompat=true"]
     assert "--config.graph.dir=g" in KA_MIG.overrides("g")
+
+
+def test_the_maskgit_host_builds_maskgit_models_with_a_shuffled_control():
+    """configs/demo_fashion_maskgit.py: the same specs build MaskGIT / KA-MaskGIT, named after the host, plus the
+    shuffled-graph KA; the AutoNAT demo keeps its three models and names."""
+    from configs import demo_fashion, demo_fashion_maskgit
+    from demo.pipeline import SHUFFLED, demo_models, host_name
+    mg, an = demo_fashion_maskgit.get_config(), demo_fashion.get_config()
+    assert [s.name for s in demo_models(an)] == ["backbone", "control", "ka_mig"]
+    specs = demo_models(mg)
+    assert [s.name for s in specs] == ["backbone", "control", "ka_mig", "shuffled"] and specs[-1] is SHUFFLED
+    assert [s.kind(mg) for s in specs] == ["maskgit", "ka_maskgit", "ka_maskgit", "ka_maskgit"]
+    assert [s.kind(an) for s in specs[:3]] == ["autonat", "ka_mig", "ka_mig"]
+    assert [s.shown_label(mg) for s in specs[2:]] == ["KA-MaskGIT", "KA-MaskGIT, shuffled graphs"]
+    assert specs[2].shown_label(an) == "KA-MIG" and (host_name(an), host_name(mg)) == ("KA-MIG", "KA-MaskGIT")
+    # everything but the backbone is the AutoNAT demo's: data, tokenizer, KA training, graphs recipe, sampling steps
+    for key in ("tokenizer", "graph.recipe", "demo.nll_ratios", "demo.fid_samples", "sample.steps", "train.lr",
+                "train.n_steps", "train.batch_size", "model.embed_dim"):
+        a, b = an, mg
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        assert a == b, key
+
+
+def test_asset_names_keep_the_autonat_files_and_name_the_maskgit_ones():
+    from configs import demo_fashion, demo_fashion_maskgit
+    from demo.pipeline import asset_names
+    assert asset_names(demo_fashion.get_config().demo) == {
+        "backbone": "autonat_demo.pth", "log": "autonat_demo_log.csv", "curve": "autonat_demo_heldout_curve",
+        "manifest": "manifest.json"}
+    for name in asset_names(demo_fashion.get_config().demo).values():  # the committed files carry those names
+        assert any(p.name.startswith(name) for p in (REPO / "demo/assets/fashion").iterdir()), name
+    assert asset_names(demo_fashion_maskgit.get_config().demo) == {
+        "backbone": "maskgit_demo.safetensors", "log": "maskgit_demo_log.csv", "curve": "maskgit_demo_heldout_curve",
+        "manifest": "maskgit_demo_manifest.json"}
+
+
+def test_demo_assets_data_stage_takes_the_whole_training_split():
+    """make_assets asks make_data for every training image (train_per_class=0): the config check must allow it."""
+    from demo.pipeline import load_demo_config
+    for name in ("demo_fashion", "demo_fashion_maskgit"):
+        config = load_demo_config(REPO / "configs" / f"{name}.py", [("demo.train_per_class", "0")])
+        assert config.demo.train_per_class == 0 == config.demo.assets_train_per_class
+
+
+def test_fid_differences_read_in_either_order():
+    from demo.report import fid_difference
+    fid = {"differences": {"shuffled-ka_mig": {"diff": 2.0, "sd": 0.5, "lo": 1.0, "hi": 3.0}}}
+    assert fid_difference(fid, "ka_mig", "shuffled") == {"diff": -2.0, "sd": 0.5, "lo": -3.0, "hi": -1.0}
+    assert fid_difference(fid, "shuffled", "ka_mig")["diff"] == 2.0 and fid_difference(fid, "a", "b") is None
 
 
 def test_ablation_has_every_subset_gat_shuffled_and_a_second_seed():
@@ -520,3 +571,51 @@ def test_thread_choice_follows_the_cores_busy_now():
     assert pick_threads(busy=0.0)[0] == cores and pick_threads(busy=cores / 2)[0] == 1
     assert pick_threads(3, busy=cores)[0] == 3
     assert 0.0 <= busy_cores(0.05) <= (os.cpu_count() or 1) + 1e-9
+
+
+def test_maskgit_host_recipe_and_demo_smoke(tmp_path):
+    """`make demo-assets BACKBONE=maskgit` then `make demo BACKBONE=maskgit`, tiny: the MaskGIT backbone is pretrained
+    with MaskGIT's objective on the committed tokenizer (reused, not retrained), named after itself next to the
+    AutoNAT files, and the demo measures backbone / control / KA-MaskGIT / shuffled-graph KA-MaskGIT on it."""
+    import shutil
+    from configs import demo_fashion_maskgit_smoke
+    from libs.checkpoint import file_sha256, load_state_dict_file, load_strict
+    from libs.models.maskgit import MaskGIT, maskgit_config
+    assets, idx = tmp_path / "assets", fake_fashion_mnist(tmp_path / "idx")
+    assets.mkdir()
+    for name in ("vqgan_demo.pth", "vqgan_demo.pth.json"):
+        shutil.copy(REPO / "demo/assets/fashion" / name, assets)
+    proc = subprocess.run([sys.executable, "-m", "demo.make_assets", "--backbone", "maskgit", "--config",
+                           "configs/demo_fashion_maskgit_smoke.py", "--assets", str(assets), "--work",
+                           str(tmp_path / "work"), "--data", str(tmp_path / "data"), "--fashion-mnist", str(idx),
+                           "--threads", "1", "--config.train.n_steps=2", "--config.train.batch_size=8",
+                           "--config.train.log_interval=1", "--config.train.save_interval=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest = json.loads((assets / "maskgit_demo_manifest.json").read_text())
+    assert list(manifest["stage_seconds"]) == ["data", "tokens_train", "tokens_heldout", "backbone", "heldout_curve"]
+    assert not (assets / "manifest.json").exists()  # the AutoNAT manifest is not touched
+    assert manifest["files"]["vqgan_demo.pth"]["sha256"] == file_sha256(REPO / "demo/assets/fashion/vqgan_demo.pth")
+    config = demo_fashion_maskgit_smoke.get_config()
+    load_strict(MaskGIT(maskgit_config(config.model)), load_state_dict_file(assets / "maskgit_demo.safetensors"))
+    assert len((assets / "maskgit_demo_heldout_curve.csv").read_text().splitlines()) == 3
+    ckpt = torch.load(tmp_path / "work/backbone/checkpoints/step_0000002.pt", map_location="cpu", weights_only=True)
+    t = ckpt["config"]["train"]  # MaskGIT's own recipe
+    assert (t["mode"], t["mask_schedule"], t["min_mask_rate"], tuple(t["betas"]), t["weight_decay"]) == \
+        ("pretrain", "cosine", 0.5, (0.9, 0.96), 0.045)
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "demo.run_demo", "--backbone", "maskgit", "--smoke", "--assets",
+                           str(assets), "--out", str(out), "--data", str(tmp_path / "data_demo"), "--fashion-mnist",
+                           str(idx), "--threads", "1", "--config.demo.fid_samples=10"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    models = json.loads((out / "models.json").read_text())
+    assert [(m["name"], m["kind"]) for m in models] == [("backbone", "maskgit"), ("control", "ka_maskgit"),
+                                                       ("ka_mig", "ka_maskgit"), ("shuffled", "ka_maskgit")]
+    assert "graphs_shuffled" in models[3]["checkpoint"] or any("graphs_shuffled" in o for o in models[3]["overrides"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["host"] == "KA-MaskGIT" and "ka_mig-shuffled" in metrics["nll"]["differences"]
+    assert "fid ka_mig-shuffled" in metrics["verdicts"]
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("=" * 100 + "\nKA-MaskGIT CPU demo") and "KA-MaskGIT - KA-MaskGIT, shuffled" in summary
