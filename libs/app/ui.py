@@ -57,9 +57,11 @@ def build_page(models: logic.Models, strategies: list) -> gr.Blocks:
                                     info="maskgit: cosine over the steps below; autonat: the config's per-step lists")
                 strategy = gr.Dropdown([NO_STRATEGY, *strategies], value=NO_STRATEGY, label="strategy file",
                                        info="replaces the schedule controls (guidance steps and order still apply)")
-                seed = gr.Number(0, precision=0, minimum=0, label="seed", info="sample i uses generator (seed, i)")
+                seed = gr.Number(0, precision=0, minimum=0, label="seed", info="sample i uses generator (seed, i)",
+                                 elem_id="seed")
             with gr.Row():
-                steps = gr.Slider(1, 32, value=int(sample.get("steps", 8)), step=1, label="steps (maskgit)")
+                steps = gr.Slider(1, 32, value=int(sample.get("steps", 8)), step=1, label="steps (maskgit)",
+                                  elem_id="steps")
                 cfg = gr.Slider(0, 10, value=float(sample.get("cfg_scale", 2.0)), step=0.1,
                                 label="guidance scale (maskgit)")
                 temp = gr.Slider(0, 10, value=float(sample.get("temp", 4.5)), step=0.1,
@@ -77,7 +79,7 @@ def build_page(models: logic.Models, strategies: list) -> gr.Blocks:
         with gr.Tab("Sample", id="sample"):
             with gr.Row():
                 pick = gr.CheckboxGroup(classes, value=[0], label="classes", elem_id="classes")
-                per_class = gr.Slider(1, 8, value=4, step=1, label="images per class")
+                per_class = gr.Slider(1, 8, value=4, step=1, label="images per class", elem_id="per_class")
             sample_button = gr.Button("Sample", variant="primary", elem_id="sample_button")
             sample_status = gr.Textbox(label="status", interactive=False, elem_id="sample_status")
             grid = gr.Image(label="grid", type="pil", format="png", interactive=False, elem_id="grid")
@@ -95,13 +97,14 @@ def build_page(models: logic.Models, strategies: list) -> gr.Blocks:
             with gr.Row():
                 mode = gr.Radio(list(logic.EDIT_MODES), value="inpaint", label="mode",
                                 info="inpaint: regenerate the painted region; outpaint: everything else")
-                edit_class = gr.Dropdown(classes, value=0, label="class the region is regenerated under")
-                variants = gr.Slider(1, 8, value=4, step=1, label="variants")
+                edit_class = gr.Dropdown(classes, value=0, label="class the region is regenerated under",
+                                         elem_id="edit_class")
+                variants = gr.Slider(1, 8, value=4, step=1, label="variants", elem_id="variant_count")
             edit_button = gr.Button("Edit", variant="primary", elem_id="edit_button")
             edit_status = gr.Textbox(label="status", interactive=False, elem_id="edit_status")
             region = gr.Image(label="input, regenerated tokens greyed", type="numpy", format="png",
                               interactive=False, elem_id="region")
-            gallery = gr.Gallery(label="variants", format="png", columns=4, elem_id="variants")
+            gallery = gr.Gallery(label="variants", format="png", columns=4, fit_columns=False, elem_id="variants")
 
         def do_sample(chosen, n, *controls):
             settings = settings_of(*controls)
@@ -139,7 +142,8 @@ def build_page(models: logic.Models, strategies: list) -> gr.Blocks:
                     f"regenerated under {models.class_label(int(cls))}")
 
         sample_button.click(guarded(do_sample, 3), [pick, per_class, *decoding], [grid, grid_images, sample_status])
-        upload.upload(guarded(do_upload, 3), [upload], [editor, edit_image, edit_status])
+        upload.upload(guarded(do_upload, 3), [upload], [editor, edit_image, edit_status]).then(
+            lambda: None, None, upload)  # ready for the next file
         take.click(guarded(do_take, 3), [grid_images, grid_index], [editor, edit_image, edit_status])
         edit_button.click(guarded(do_edit, 3), [edit_image, editor, mode, edit_class, variants, *decoding],
                           [region, gallery, edit_status])
