@@ -256,3 +256,17 @@ def test_app_py_says_in_one_line_when_gradio_is_missing(monkeypatch):
     with pytest.raises(BadInput) as e:
         app.main(["--port", "70000"])
     one_line_error(e, "--port 70000")
+
+
+def test_a_trained_run_loads_as_generate_img_loads_it(tiny_assets):
+    root, overrides = tiny_assets
+    keys = [(o[len("--config."):].split("=", 1)) for o in overrides if o.startswith("--config.")]
+    choice = logic.choose_weights("demo", overrides[1], str(root / "ka_mig.pth"), None, keys)
+    assert choice.config == "configs/tiny.py" and str(root / "ka_mig.pth") in choice.note
+    run = logic.load_models(choice)
+    assert run.kind == "ka_mig" and run.checkpoint == str(root / "ka_mig.pth")  # the config's default kind
+    images, labels = logic.sample_grid(run, [1, 2], 2, logic.Settings(seed=4))
+    assert images.shape == (4, 8, 8, 3) and labels.tolist() == [1, 1, 2, 2]
+    with pytest.raises(MissingInput) as e:
+        logic.load_models(logic.choose_weights("demo", overrides[1], str(root / "absent.pth"), None, keys))
+    assert "absent.pth" in str(e.value)
