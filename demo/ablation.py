@@ -29,10 +29,11 @@ import torch
 from demo.pipeline import (BACKBONE, CONTROL, DATASETS, GRAPH_SYMBOL, GRAPHS, KA_MIG, REPO_ROOT, ModelSpec, Runner,
                            config_path, driver_main, load_demo_config, parse_demo_args, pick_threads, prepare_run,
                            prepare_tokens_and_graphs, read_train_log, resolve, run_models, write_json)
-from demo.report import nll_summary, num
+from demo.report import nll_summary, num, tracker_scalars
 from libs.cli import ArgumentParser
 from libs.atomic_io import atomic_write_text
 from libs.errors import MissingInput
+from libs.training.tracking import check_log_with, log_run
 from libs.graphs.files import (graph_paths, load_edge_graph, load_incompatibility, read_meta, save_edge_graph,
                                save_incompatibility)
 from libs.graphs.recipes import unpack_occurrence_torch
@@ -368,11 +369,26 @@ def main(argv=None):
     command = "make ablation" + (f" DATA={args.dataset}" if args.dataset != "fashion_mnist" else "") + \
         (f" BACKBONE={args.backbone}" if args.backbone != "autonat" else "")
     if args.report_only:
-        return driver_main("ablation", lambda: report_only(config_file, overrides, args.out,
-                                                           not args.no_write_benchmarks))
-    return driver_main("ablation", lambda: run_ablation(config_file, overrides, args.out, args.data, args.assets,
-                                                        args.threads, args.fashion_mnist,
-                                                        not args.no_write_benchmarks, command))
+        return driver_main("ablation", lambda: logged(args, lambda: report_only(config_file, overrides, args.out,
+                                                                                not args.no_write_benchmarks)))
+    return driver_main("ablation", lambda: logged(args, lambda: run_ablation(
+        config_file, overrides, args.out, args.data, args.assets, args.threads, args.fashion_mnist,
+        not args.no_write_benchmarks, command)))
+
+
+def logged(args, run) -> dict:
+    """run(), then (--log-with) the ablation's numbers and table to the tracker in --out; a missing package stops
+    it before any stage."""
+    check_log_with(args.log_with)
+    result = run()
+    log_ablation(args.log_with, resolve(args.out), result)  # after ablation.json and the tables are written
+    return result
+
+
+def log_ablation(kind: str, out, result: dict):
+    """nll/<model>, fid/<model>, nll_diff/<a>-<b>, fid_diff/<a>-<b> and the markdown table (text) at step 0."""
+    table = markdown(result["rows"], result["nll"], result["fid"], result["diagnostics"], result["meta"])
+    log_run(kind, out, "ablation", [(0, tracker_scalars(result["nll"], result["fid"]))], texts={"ablation": table})
 
 
 if __name__ == "__main__":

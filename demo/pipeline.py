@@ -126,9 +126,12 @@ def driver_main(name: str, run):
 
 
 def parse_demo_args(parser, argv=None):
-    """Adds the demo drivers' shared --threads flag and parses argv; -> (args, --config.<key>=<value> overrides)."""
+    """Adds the demo drivers' shared --threads and --log-with flags and parses argv; -> (args,
+    --config.<key>=<value> overrides)."""
+    from libs.training.tracking import add_log_with_flag
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per stage (default 0: all cores, or 1 on an already busy machine)")
+    add_log_with_flag(parser)
     try:
         overrides, rest = split_overrides(sys.argv[1:] if argv is None else list(argv))
     except BadInput as e:  # a --config.* key without a value

@@ -214,6 +214,26 @@ def fid_difference(fid: dict, a: str, b: str):
     return None
 
 
+def tracker_scalars(nll: dict, fid: dict) -> dict:
+    """The headline numbers for --log-with: nll/<model> and nll_diff/<a>-<b> (overall means, nats), fid/<model>
+    and fid_diff/<a>-<b> (the differences fid.json holds)."""
+    values = {f"nll/{n}": v["overall"]["mean"] for n, v in nll["models"].items()}
+    values.update({f"nll_diff/{k}": v["overall"]["mean"] for k, v in nll["differences"].items()})
+    values.update({f"fid/{n}": v["fid"] for n, v in fid["models"].items()})
+    values.update({f"fid_diff/{k}": v["diff"] for k, v in fid["differences"].items()})
+    return values
+
+
+def log_demo(kind: str, metrics: dict):
+    """Sends a finished demo's figures (grid_<model>.png, comparison.png, curves.png) and headline numbers to the
+    --log-with tracker, in the folder of its metrics.json (step 0)."""
+    from libs.training.tracking import log_run
+    o = metrics["outputs"]
+    images = {"comparison": o["comparison"], "curves": o["curves"], **{f"grid/{n}": p for n, p in o["grids"].items()}}
+    log_run(kind, Path(o["comparison"]).parent, "demo", [(0, tracker_scalars(metrics["nll"], metrics["fid"]))],
+            images)
+
+
 def summary_text(m: dict, out: Path) -> str:
     """The closing summary of a demo run: every figure with its interval, and what they say."""
     nll, fid = m["nll"], m["fid"]

@@ -13,7 +13,9 @@ subprocesses; writes grids, comparison.png, curves.png, metrics.json, summary.tx
 import argparse
 
 from demo.pipeline import DATASETS, driver_main, load_demo_config, parse_demo_args, run_demo
+from demo.report import log_demo
 from libs.cli import ArgumentParser
+from libs.training.tracking import check_log_with
 
 CONFIGS = {("fashion_mnist", "autonat", False): "configs/demo_fashion.py",
            ("fashion_mnist", "autonat", True): "configs/demo_fashion_smoke.py",
@@ -50,8 +52,15 @@ def main(argv=None):
         config = load_demo_config(config_file, overrides)  # unknown keys fail here, before any work
     except (KeyError, ValueError, FileNotFoundError) as e:
         parser.error(str(e.args[0] if e.args else e))
-    return driver_main("demo", lambda: run_demo(config_file, overrides, args.out or config.output_dir, args.data,
-                                                args.assets, args.threads, args.fashion_mnist))
+    return driver_main("demo", lambda: logged_demo(args, config_file, overrides, args.out or config.output_dir))
+
+
+def logged_demo(args, config_file, overrides, out) -> dict:
+    """run_demo, then (--log-with) its figures and numbers to the tracker; a missing package stops it first."""
+    check_log_with(args.log_with)
+    metrics = run_demo(config_file, overrides, out, args.data, args.assets, args.threads, args.fashion_mnist)
+    log_demo(args.log_with, metrics)  # after metrics.json and the figures are written
+    return metrics
 
 
 if __name__ == "__main__":

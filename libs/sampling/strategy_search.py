@@ -60,6 +60,7 @@ from libs.sampling.generation import (add_sampling_flags, check_graphs_tokenizer
                                       compile_token_model, index_generators, sample_images, schedule_args,
                                       schedule_from_flags)
 from libs.sampling.provenance import fingerprint_diff, labels_sha256, sampling_fingerprint
+from libs.training import tracking
 
 LOG_FILE = "search_log.jsonl"
 BEST_FILE = "best_strategy.py"
@@ -337,6 +338,7 @@ def build_parser():
     parser.add_argument("--out", default="output/strategy_search", help="folder of the log, strategies and result")
     parser.add_argument("--stop-after-evals", type=int, default=None,
                         help="testing aid: exit after this many new evaluations (simulates a crash)")
+    tracking.add_log_with_flag(parser)
     return parser
 
 
@@ -376,6 +378,7 @@ def check_args(args):
     heldout = heldout_seeds(args)
     if args.sample_seed in heldout:
         raise BadInput(f"the held-out seeds {heldout} include the search's --sample-seed {args.sample_seed}")
+    tracking.check_log_with(args.log_with)
 
 
 def heldout_seeds(args) -> list:
@@ -506,8 +509,22 @@ def run(args, config, dist, checkpoint, pixels, start, out):
     if dist.is_main:
         atomic_write_json(out / RESULT_FILE, result)
         print(result["summary"])
+        log_search(args.log_with, out, logged.entries[:logged.calls], result)  # after result.json is written
     dist.barrier()
     return result
+
+
+def log_search(kind: str, out, evals: list, result: dict):
+    """--log-with: search/fid of every evaluated candidate and search/best_fid (the best so far) with the
+    candidate's index as step; at the last index, the held-out mean FIDs of the start and the best and their
+    paired difference (steps only grow, as W&B asks)."""
+    rows, best = [], math.inf
+    for r in evals:
+        best = min(best, r["objective"])
+        rows.append((r["eval"], {"search/fid": r["objective"], "search/best_fid": best}))
+    h = result["heldout"]
+    final = {f"heldout/{k}": h[k] for k in ("start_mean", "best_mean", "paired_difference_mean") if h[k] is not None}
+    tracking.log_run(kind, out, "strategy_search", rows + [(len(evals) - 1, final)])
 
 
 def _mean_std(values):

@@ -108,3 +108,71 @@ def log_evaluation(acc, step: int, result: dict, grid=None):
             tracker.writer.flush()
         else:
             tracker.log_images({"eval/samples": [grid]}, step=step)
+
+
+# ----------------------------------------------------------------------------- figures and numbers of a finished run
+
+LOG_WITH_FLAG = ("none", "tensorboard", "wandb")  # --log-with choices of the demo drivers and the strategy search
+
+
+def add_log_with_flag(parser):
+    """Adds --log-with {none,tensorboard,wandb} (default none: nothing is logged, nothing new is written)."""
+    parser.add_argument("--log-with", default="none", choices=LOG_WITH_FLAG,
+                        help="also send the run's figures and headline numbers to a tracker at the end: "
+                             f"tensorboard (<out>/{TB_FOLDER}/), wandb (offline unless WANDB_API_KEY is set; run id "
+                             f"in <out>/{WANDB_ID_FILE}) or none (default)")
+
+
+def check_log_with(kind: str):
+    """Raises UserError (one line) when --log-with names a tracker whose package is not installed."""
+    try:
+        check_tracker(kind)
+    except UserError as e:
+        raise UserError(f"--log-with '{kind}' needs the {PACKAGES[kind]} package: pip install "
+                        f"{PACKAGES[kind]} (or --log-with none)") from e
+
+
+def open_tracker(kind: str, out: Path, run_name: str):
+    """A started accelerate tracker for a finished run in `out`: TensorBoard in <out>/tb/ (a new event file whose
+    purge step 0 hides what earlier runs into `out` logged), or W&B (offline unless WANDB_API_KEY is set) continuing
+    the run whose id `out` keeps. Call it on the main process only."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+    PartialState(cpu=not torch.cuda.is_available())  # accelerate's log calls need it (the trainer's choice of device)
+    out = Path(out)
+    if kind == "tensorboard":
+        wait_for_a_later_event_file(out / TB_FOLDER)
+        tracker = TensorBoardTracker(TB_FOLDER, str(out), purge_step=0)
+    else:
+        if "WANDB_API_KEY" not in os.environ:
+            os.environ.setdefault("WANDB_MODE", "offline")
+        tracker = WandBTracker(WANDB_PROJECT, id=wandb_run_id(out), resume="allow", name=run_name, dir=str(out))
+    tracker.main_process_only = False  # the caller runs on the main process only: no collective check
+    tracker.start()
+    return tracker
+
+
+def log_run(kind: str, out, run_name: str, rows, images=None, texts=None):
+    """Logs a finished run's results into one tracker run of `out` (nothing for kind 'none').
+
+    rows: [(step, {tag: number})] scalars; images: {tag: PNG path} at step 0; texts: {tag: str} at step 0.
+    Raises OSError/ValueError when a PNG cannot be read (the run's own files are written before)."""
+    if kind == "none":
+        return
+    from PIL import Image
+    tracker = open_tracker(kind, out, run_name)
+    try:
+        for step, values in rows:
+            tracker.log({tag: float(v) for tag, v in values.items()}, step=int(step))
+        for tag, path in (images or {}).items():
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(tag, np.asarray(rgb), global_step=0, dataformats="HWC")  # [H, W, 3] uint8
+            else:
+                tracker.log_images({tag: [rgb]}, step=0)
+        if texts:
+            tracker.log(dict(texts), step=0)
+    finally:
+        tracker.finish()
