@@ -4,6 +4,7 @@
     python -m demo.ablation --dataset synthetic   # procedural images
     python -m demo.ablation --no-write-benchmarks # keep benchmarks/ABLATION.md and ablation.csv as they are
     python -m demo.ablation --report-only         # rewrite the tables of a finished run (no stage runs again)
+    python -m demo.ablation --log-with tensorboard  # also the numbers and the table to <out>/tb/ (or wandb)
 Models, all trained exactly like the demo's KA-MIG (same steps, batch, learning rate and seed) on the same frozen
 backbone: the backbone as is; the head-only control (no graph); KA-MIG with each of the seven non-empty subsets of
 {G_co, G_s, G_p} (GCN encoder); all three graphs with the GAT encoder; all three graphs with shuffled token ids

@@ -6,6 +6,7 @@
     python -m demo.run_demo --smoke                    # a tiny run for the tests (configs/demo_*smoke.py)
     python -m demo.run_demo --backbone maskgit         # the MaskGIT host: KA-MaskGIT, control, MaskGIT and
                                                        # shuffled-graph KA-MaskGIT (configs/demo_fashion_maskgit.py)
+    python -m demo.run_demo --log-with tensorboard     # also the figures and numbers to output/demo/tb/ (or wandb)
 Runs demo.make_data, extract_imagenet_feature.py (train and held-out), graph_construction.build_graphs,
 train_graph.py (control and KA-MIG), demo.evaluate nll, generate_npz.py (each model) and demo.evaluate fid as
 subprocesses; writes grids, comparison.png, curves.png, metrics.json, summary.txt and logs/ to the output folder.
