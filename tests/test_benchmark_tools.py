@@ -313,3 +313,16 @@ def test_maskgit_speed_runs_every_row_interleaved(tmp_path, capsys):
     assert alone["depth"] == 3 and 0 < alone["inject"] < min(ka_runs) and alone["class_terms"] > 0
     printed = capsys.readouterr().out
     assert "| KA-MaskGIT sampling, FusionCache (4 steps, batch 2) |" in printed and "load average before" in printed
+
+
+def test_maskgit_vs_jax_refuses_missing_interpreter_in_one_line(tmp_path, capsys):
+    """benchmarks.maskgit_vs_jax (needs a JAX interpreter, never run here): no --jax-python is a flag error (one line,
+    status 2); an interpreter that is not there is a MissingInput naming it, raised before any work."""
+    from benchmarks import maskgit_vs_jax
+    with pytest.raises(SystemExit) as exit_info:
+        maskgit_vs_jax.main(["--mirror", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "--jax-python" in err, err
+    missing = tmp_path / "no_python"
+    with pytest.raises(UserError, match="--jax-python .*no_python: no such interpreter"):
+        maskgit_vs_jax.main(["--jax-python", str(missing), "--mirror", str(tmp_path)])
