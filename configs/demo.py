@@ -25,7 +25,7 @@ def get_config():
     tok.codebook_size = 256
     tok.resolution = 32
     tok.norm_groups = 8
-    tok.checkpoint = f"{ASSETS}/vqgan_demo.pth"
+    tok.checkpoint = f"{ASSETS}/vqgan_demo.safetensors"
 
     m = config.model  # the AutoNAT U-ViT at small width: 2 in-blocks, a mid-block, 2 out-blocks
     m.codebook_size = 256
@@ -48,7 +48,7 @@ def get_config():
     # horizon of a quarter of the run (the paper's 0.9999 would barely leave the start in 400 steps).
     t = config.train
     t.mode = "ka_mig"
-    t.init_checkpoint = f"{ASSETS}/autonat_demo.pth"
+    t.init_checkpoint = f"{ASSETS}/autonat_demo.safetensors"
     t.n_steps = 400
     t.batch_size = 64
     t.lr = 2.5e-4
@@ -112,7 +112,7 @@ def get_config():
     d.heldout_curve = False         # `make demo-assets`: held-out NLL of every saved backbone checkpoint
     d.curve_images = 1000           # held-out images of that curve (the first rows of the held-out tokens)
     d.assets = ASSETS
-    d.backbone_file = "autonat_demo.pth"  # the backbone's weights in `assets` (the other files are named after it)
+    d.backbone_file = "autonat_demo.safetensors"  # the backbone in `assets` (the other files are named after it)
     d.train_tokenizer = True        # `make demo-assets` trains the tokenizer (False: reuses the one in `assets`)
     d.shuffled_graphs = False       # `make demo` also trains KA on graphs with permuted token ids (a 4th model)
     return config

@@ -12,8 +12,8 @@ OUT = "output/demo"              # everything `make demo` writes
 def get_config():
     config = demo.get_config()
     config.output_dir = OUT
-    config.tokenizer.checkpoint = f"{ASSETS}/vqgan_demo.pth"
-    config.train.init_checkpoint = f"{ASSETS}/autonat_demo.pth"
+    config.tokenizer.checkpoint = f"{ASSETS}/vqgan_demo.safetensors"
+    config.train.init_checkpoint = f"{ASSETS}/autonat_demo.safetensors"
     config.graph.dir = f"{OUT}/graphs"
     config.data.path = f"{OUT}/tokens/train"
 

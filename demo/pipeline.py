@@ -27,16 +27,17 @@ from libs.errors import BadInput, MissingInput, UserError, one_line
 from libs.models.factory import backbone_of, model_kind
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER_FILE = "vqgan_demo.pth"
-BACKBONE_FILE = "autonat_demo.pth"  # config.demo.backbone_file of the AutoNAT demos
+TOKENIZER_FILE = "vqgan_demo.safetensors"  # its training report is TOKENIZER_FILE + ".json"
+BACKBONE_FILE = "autonat_demo.safetensors"  # config.demo.backbone_file of the AutoNAT demos
 MANIFEST_FILE = "manifest.json"
 # what run_demo writes into its output folder (removed at the start of a run; nothing else is touched)
 DEMO_OUTPUTS = ("logs", "tokens", "graphs", "graphs_shuffled", "runs", "samples", "models.json", "nll.npz", "fid.json",
                 "grid_backbone.png", "grid_control.png", "grid_ka_mig.png", "grid_shuffled.png", "comparison.png", "curves.png",
                 "metrics.json", "summary.txt",
                 "ka_mig", "grid_runs", "fid_ka_mig", "fid_backbone", "fid_ref_val.npz")  # the last five: older demos
-ASSET_OUTPUTS = ("logs", "tokens", "backbone", "tokenizer.pth", "tokenizer.pth.json", "curve.csv",
-                 "reference.npz")
+WORK_TOKENIZER = "tokenizer.safetensors"  # the tokenizer build_assets trains in its work folder
+ASSET_OUTPUTS = ("logs", "tokens", "backbone", WORK_TOKENIZER, WORK_TOKENIZER + ".json", "curve.csv",
+                 "reference.npz", "tokenizer.pth", "tokenizer.pth.json")  # the last two: older work folders
 GRAPHS = ("co", "sim", "incompat")
 # --dataset of the demo scripts -> config.demo.source
 DATASETS = {"fashion_mnist": "fashion_mnist", "fashion": "fashion_mnist", "synthetic": "synthetic"}
@@ -461,6 +462,17 @@ def run_demo(config_file, overrides, out, data_root=None, assets=None, threads=0
 # ----------------------------------------------------------------------------- make demo-assets
 
 
+def convert_work_tokenizer(work: Path):
+    """A work folder of an older `make demo-assets` holds the tokenizer as the torch file tokenizer.pth: it is
+    converted to WORK_TOKENIZER (the same tensors, its config in the metadata) so that --resume reuses it."""
+    old, new = work / "tokenizer.pth", work / WORK_TOKENIZER
+    if old.is_file() and not new.is_file():
+        from tools.to_safetensors import convert
+        if Path(str(old) + ".json").is_file():
+            copy_atomic(Path(str(old) + ".json"), Path(str(new) + ".json"))
+        convert(old, new)
+
+
 def tokenizer_report(path: Path):
     """The training report demo/train_tokenizer.py wrote next to the tokenizer, or None when it is absent."""
     return json.loads(path.read_text())["report"] if path.is_file() else None
@@ -496,7 +508,7 @@ def build_assets(config_file, backbone_config_file, overrides, work, assets, dat
     # without train_tokenizer the committed tokenizer is reused, and with it the reference features (of images)
     curve, reference = bool(d.heldout_curve), bool(d.reference_features) and train_tokenizer
     runner = Runner(work / "logs", n_threads, total_stages=5 + train_tokenizer + curve + reference)
-    tokenizer = work / "tokenizer.pth" if train_tokenizer else assets / TOKENIZER_FILE
+    tokenizer = work / WORK_TOKENIZER if train_tokenizer else assets / TOKENIZER_FILE
     tokens, heldout_tokens = work / "tokens" / "train", work / "tokens" / "heldout"
     if not train_tokenizer and not tokenizer.is_file():
         raise MissingInput(f"demo tokenizer not found: {tokenizer} (config.demo.train_tokenizer is false: this "
@@ -507,6 +519,8 @@ def build_assets(config_file, backbone_config_file, overrides, work, assets, dat
     train_n = "all" if d.assets_train_per_class <= 0 else d.assets_train_per_class
     data_stage(runner, config_file, data_overrides, data_root, fashion_mnist,
                f"{d.source}: {train_n} train images per class + {d.heldout_per_class} held-out per class")
+    if train_tokenizer and resume:
+        convert_work_tokenizer(work)
     if train_tokenizer and not (resume and tokenizer.is_file()):
         runner.run("tokenizer", ["-m", "demo.train_tokenizer", "--config", str(config_file), *cfg_overrides,
                                  "--data", str(data_root / "train"), "--val", str(data_root / d.heldout_split),

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from demo.pipeline import shown_path
-from libs.atomic_io import atomic_torch_save, atomic_write_json
+from libs.atomic_io import atomic_write_json
+from libs.checkpoint import save_weights
 from libs.config import config_to_dict
 from libs.data.images import list_image_folder, load_image_file
 from libs.models.factory import tokenizer_config
@@ -192,9 +193,10 @@ def code_usage(model: VQGAN, images: np.ndarray, batch_size: int = 256) -> dict:
 
 
 def save_tokenizer(model: VQGAN, path, extra: dict = None):
-    """Atomically writes {'state_dict', 'tokenizer', ...extra} (loads with libs.models.factory.load_tokenizer)."""
+    """Writes the weights as .safetensors (atomic, byte-reproducible) with {'tokenizer': the model's config,
+    ...extra} as JSON under the metadata key 'config'; loads with libs.models.factory.load_tokenizer."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return atomic_torch_save({"state_dict": state, "tokenizer": model.config_dict(), **(extra or {})}, path)
+    return save_weights(state, path, {"tokenizer": model.config_dict(), **(extra or {})})
 
 
 def load_image_split(root, resolution: int) -> np.ndarray:

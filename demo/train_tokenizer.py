@@ -1,8 +1,9 @@
 """Trains the demo's small VQGAN tokenizer (libs.models.vqgan.VQGAN, config.tokenizer sizes) on an ImageFolder split.
 
-    python -m demo.train_tokenizer                                   # data/demo/train -> demo/assets/vqgan_demo.pth
-    python -m demo.train_tokenizer --data data/demo/train --out /tmp/vq.pth --config.tokenizer_train.steps=100
-Writes {"state_dict", "tokenizer", "train"} atomically (loads with libs.models.factory.load_tokenizer) and
+    python -m demo.train_tokenizer        # data/demo/train -> demo/assets/synthetic/vqgan_demo.safetensors
+    python -m demo.train_tokenizer --data data/demo/train --out /tmp/vq.safetensors --config.tokenizer_train.steps=100
+Writes the weights as .safetensors (atomic, byte-reproducible; loads with libs.models.factory.load_tokenizer) with
+{"tokenizer", "train"} (the model's config and the training settings) as JSON under the metadata key 'config', and
 <out>.json with the loss log and the reconstruction error before / after training.
 """
 import argparse

@@ -235,6 +235,16 @@ def test_weights_are_found_in_assets_or_the_demo_is_used(tmp_path, monkeypatch):
     assert logic.choose_weights("demo").checkpoint == logic.DEMO_CHECKPOINT  # asked for: the demo all the same
 
 
+def test_the_demo_weights_are_the_committed_safetensors_files():
+    """The page's demo weights are the demo config's own backbone and tokenizer, both .safetensors by content."""
+    from libs.checkpoint import weights_format
+    from libs.config import resolve_config
+    config = resolve_config(logic.DEMO_CONFIG, [])
+    assert logic.DEMO_CHECKPOINT == config.train.init_checkpoint
+    for path in (logic.DEMO_CHECKPOINT, config.tokenizer.checkpoint):
+        assert path.endswith(".safetensors") and weights_format(REPO / path) == "safetensors", path
+
+
 def test_strategy_files_are_listed_and_described(tmp_path):
     assert "configs/autonat_t8_strategy.py" in logic.strategy_files()
     assert logic.strategy_files(["mine.py"])[0] == "mine.py"

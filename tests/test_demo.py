@@ -119,7 +119,10 @@ def test_tokenizer_training_reduces_reconstruction_error(tmp_path, one_thread):
     assert after < 0.6 * before, (before, after)
     assert [row["step"] for row in history] == [20, 40]
     assert code_usage(model, held_out)["codes_used"] >= 8  # k-means init + restarts: no collapse onto a few codes
-    path = save_tokenizer(model, tmp_path / "vq.pth")
+    path = save_tokenizer(model, tmp_path / "vq.safetensors")
+    from libs.checkpoint import weights_format, weights_metadata
+    assert weights_format(path) == "safetensors"  # weights only, the config that built it in the metadata
+    assert json.loads(weights_metadata(path)["config"]) == {"tokenizer": json.loads(json.dumps(model.config_dict()))}
     import ml_collections
     tok = ml_collections.ConfigDict(dict(channels=8, channel_mult=(1, 2), num_res_blocks=1, embed_dim=8,
                                          codebook_size=32, resolution=16, norm_groups=4, checkpoint=str(path)))
@@ -135,13 +138,17 @@ def test_train_tokenizer_entry_is_seeded(tmp_path, one_thread):
     args = ["--data", str(tmp_path / "d" / "train"), "--val", str(tmp_path / "d" / "val"),
             "--config.tokenizer_train.steps=2", "--config.tokenizer_train.kmeans_images=8",
             "--config.tokenizer_train.log_interval=1", "--config.tokenizer_train.batch_size=4"]
-    r1 = train_tokenizer.main(args + ["--out", str(tmp_path / "a.pth")])
-    train_tokenizer.main(args + ["--out", str(tmp_path / "b.pth")])
-    a = torch.load(tmp_path / "a.pth", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "b.pth", weights_only=True)["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    report = json.loads((tmp_path / "a.pth.json").read_text())
+    r1 = train_tokenizer.main(args + ["--out", str(tmp_path / "a.safetensors")])
+    train_tokenizer.main(args + ["--out", str(tmp_path / "b.safetensors")])
+    a, b = (tmp_path / "a.safetensors").read_bytes(), (tmp_path / "b.safetensors").read_bytes()
+    assert a == b and load_file(tmp_path / "a.safetensors")  # seeded and byte-reproducible
+    report = json.loads((tmp_path / "a.safetensors.json").read_text())
     assert report["report"]["recon_mse_after"] == pytest.approx(r1["recon_mse_after"])
+    from libs.checkpoint import weights_metadata
+    stored = json.loads(weights_metadata(tmp_path / "a.safetensors")["config"])
+    assert stored["train"] == report["train"] and stored["train"]["steps"] == 2
+    assert {k: stored["tokenizer"][k] for k in ("channels", "codebook_size", "resolution")} == \
+        {k: report["tokenizer"][k] for k in ("channels", "codebook_size", "resolution")}
 
 
 # ----------------------------------------------------------------------------- committed weights
@@ -150,7 +157,7 @@ def test_train_tokenizer_entry_is_seeded(tmp_path, one_thread):
 @pytest.mark.parametrize("config_name", ["demo", "demo_fashion"])
 def test_committed_demo_weights_load_and_match_their_manifest(config_name):
     import importlib
-    from libs.checkpoint import file_sha256, load_state_dict_file, load_strict
+    from libs.checkpoint import file_sha256, load_state_dict_file, load_strict, weights_format, weights_metadata
     from libs.models.autonat import AutoNAT
     from libs.models.factory import backbone_config, load_tokenizer
     config = importlib.import_module(f"configs.{config_name}").get_config()
@@ -160,6 +167,12 @@ def test_committed_demo_weights_load_and_match_their_manifest(config_name):
         assert file_sha256(assets / name) == info["sha256"], f"{name} differs from {assets}/manifest.json"
     tokenizer = load_tokenizer(config.tokenizer, checkpoint=REPO / config.tokenizer.checkpoint)
     assert tokenizer.grid_size ** 2 == config.model.seq_len
+    for path in (config.tokenizer.checkpoint, config.train.init_checkpoint):  # weights only, listed in the manifest
+        assert weights_format(REPO / path) == "safetensors" and Path(path).name in manifest["files"], path
+    stored = json.loads(weights_metadata(REPO / config.tokenizer.checkpoint)["config"])
+    assert stored["tokenizer"] == json.loads(json.dumps(tokenizer.config_dict()))
+    report = json.loads((REPO / (config.tokenizer.checkpoint + ".json")).read_text())
+    assert report["train"] == stored["train"] and report["report"] == manifest["tokenizer"]
     backbone = AutoNAT(backbone_config(config.model))
     load_strict(backbone, load_state_dict_file(REPO / config.train.init_checkpoint))
     if config.demo.reference_features:
@@ -172,6 +185,72 @@ def test_committed_demo_weights_load_and_match_their_manifest(config_name):
 def test_committed_demo_assets_stay_small():
     total = sum(p.stat().st_size for p in (REPO / "demo" / "assets").rglob("*") if p.is_file())
     assert total < 20 * 2 ** 20
+
+
+def old_demo_assets(folder):
+    """A demo assets folder as committed before .safetensors: torch files, a report, two manifests naming them.
+    -> {old name: its state dict}."""
+    from libs.atomic_io import atomic_torch_save
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    tok = {"enc.w": torch.randn(4, 3, generator=g), "codes": torch.randn(8, 2, generator=g).half()}
+    net = {"emb.w": torch.randn(5, 2, generator=g), "steps": torch.arange(3)}
+    atomic_torch_save({"state_dict": tok, "tokenizer": {"channels": 4, "channel_mult": (1, 2)},
+                       "train": {"steps": 7}}, folder / "vqgan_demo.pth")
+    atomic_torch_save(net, folder / "autonat_demo.pth")
+    (folder / "vqgan_demo.pth.json").write_text(json.dumps({"report": {"codes_used": 8}, "tokenizer": {
+        "checkpoint": "demo/assets/x/vqgan_demo.pth"}}))
+    other = {"bytes": 3, "sha256": "abc"}
+    files = {"vqgan_demo.pth": {"bytes": 1, "sha256": "0"}, "autonat_demo.pth": {"bytes": 2, "sha256": "1"},
+             "fid_reference_test.npz": other}
+    (folder / "manifest.json").write_text(json.dumps({"recipe": "a", "files": files, "tokenizer": {"x": 1}}))
+    (folder / "maskgit_demo_manifest.json").write_text(json.dumps({
+        "recipe": "demo/make_data.py -> the committed vqgan_demo.pth -> train_graph.py",
+        "files": {"vqgan_demo.pth": {"bytes": 1, "sha256": "0"}, "maskgit_demo.safetensors": other}}))
+    return {"vqgan_demo.pth": tok, "autonat_demo.pth": net}
+
+
+def test_demo_assets_to_safetensors_converts_renames_and_is_idempotent(tmp_path):
+    """tools.demo_assets_to_safetensors: the same tensors under the new names, every manifest's entries and text
+    follow, a second run (with or without the old files) changes nothing; a manifest naming an absent file fails."""
+    from libs.checkpoint import file_sha256, weights_format, weights_metadata
+    from libs.errors import MissingInput
+    from tools import demo_assets_to_safetensors as tool
+    folder = tmp_path / "fashion"
+    states = old_demo_assets(folder)
+    assert tool.main([str(folder)]) == 0
+    for old, new in (("vqgan_demo.pth", "vqgan_demo.safetensors"), ("autonat_demo.pth", "autonat_demo.safetensors")):
+        assert weights_format(folder / new) == "safetensors" and (folder / old).is_file()
+        got = load_file(folder / new)
+        assert got.keys() == states[old].keys()
+        assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in states[old].items())
+    assert json.loads(weights_metadata(folder / "vqgan_demo.safetensors")["config"]) == {
+        "tokenizer": {"channels": 4, "channel_mult": [1, 2]}, "train": {"steps": 7}}
+    assert json.loads((folder / "vqgan_demo.safetensors.json").read_text()) == {
+        "report": {"codes_used": 8}, "tokenizer": {"checkpoint": "demo/assets/x/vqgan_demo.safetensors"}}
+    entry = {n: {"bytes": (folder / n).stat().st_size, "sha256": file_sha256(folder / n)}
+             for n in ("vqgan_demo.safetensors", "autonat_demo.safetensors")}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["files"] == {**entry, "fid_reference_test.npz": {"bytes": 3, "sha256": "abc"}}
+    assert list(manifest["files"])[-1] == "fid_reference_test.npz" and manifest["tokenizer"] == {"x": 1}
+    maskgit = json.loads((folder / "maskgit_demo_manifest.json").read_text())
+    assert maskgit["recipe"] == "demo/make_data.py -> the committed vqgan_demo.safetensors -> train_graph.py"
+    assert list(maskgit["files"]) == ["vqgan_demo.safetensors", "maskgit_demo.safetensors"]
+    assert maskgit["files"]["vqgan_demo.safetensors"] == entry["vqgan_demo.safetensors"]
+
+    snapshot = {p.name: p.read_bytes() for p in folder.iterdir()}
+    tool.main([str(folder)])  # again, the old files still there: nothing changes
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == snapshot
+    tool.main([str(folder), "--remove-old"])
+    kept = {n: b for n, b in snapshot.items() if ".pth" not in n}
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept
+    tool.main([str(folder)])  # after the old files are gone
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept
+
+    (folder / "late_manifest.json").write_text(json.dumps({"files": {"autonat_demo.pth": {}}}))
+    (folder / "autonat_demo.safetensors").unlink()
+    with pytest.raises(MissingInput, match="late_manifest.json: lists autonat_demo.pth"):
+        tool.convert_folder(folder)
 
 
 def test_run_demo_names_missing_weights(tmp_path, capsys):
@@ -274,7 +353,7 @@ def test_asset_names_keep_the_autonat_files_and_name_the_maskgit_ones():
     from configs import demo_fashion, demo_fashion_maskgit
     from demo.pipeline import asset_names
     assert asset_names(demo_fashion.get_config().demo) == {
-        "backbone": "autonat_demo.pth", "log": "autonat_demo_log.csv", "curve": "autonat_demo_heldout_curve",
+        "backbone": "autonat_demo.safetensors", "log": "autonat_demo_log.csv", "curve": "autonat_demo_heldout_curve",
         "manifest": "manifest.json"}
     for name in asset_names(demo_fashion.get_config().demo).values():  # the committed files carry those names
         assert any(p.name.startswith(name) for p in (REPO / "demo/assets/fashion").iterdir()), name
@@ -535,7 +614,7 @@ def test_make_assets_recipe_smoke(tmp_path):
     from configs import demo_fashion_smoke
     from libs.models.autonat import AutoNAT
     from libs.models.factory import backbone_config, load_tokenizer
-    from libs.checkpoint import file_sha256, load_state_dict_file, load_strict
+    from libs.checkpoint import file_sha256, load_strict
     assets = tmp_path / "assets"
     idx = fake_fashion_mnist(tmp_path / "idx")
     proc = subprocess.run([sys.executable, "-m", "demo.make_assets", "--config", "configs/demo_fashion_smoke.py",
@@ -551,8 +630,10 @@ def test_make_assets_recipe_smoke(tmp_path):
     for name, info in manifest["files"].items():
         assert file_sha256(assets / name) == info["sha256"]
     config = demo_fashion_smoke.get_config()
-    load_tokenizer(config.tokenizer, checkpoint=assets / "vqgan_demo.pth")
-    load_strict(AutoNAT(backbone_config(config.model)), load_state_dict_file(assets / "autonat_demo.pth"))
+    assert sorted(manifest["files"]) == ["autonat_demo.safetensors", "fid_reference_test.npz", "vqgan_demo.safetensors"]
+    load_tokenizer(config.tokenizer, checkpoint=assets / "vqgan_demo.safetensors")
+    assert json.loads((assets / "vqgan_demo.safetensors.json").read_text())["report"] == manifest["tokenizer"]
+    load_strict(AutoNAT(backbone_config(config.model)), load_file(assets / "autonat_demo.safetensors"))
     assert manifest["backbone"]["steps"] == 2 and (assets / "autonat_demo_log.csv").is_file()
     curve = (assets / "autonat_demo_heldout_curve.csv").read_text().splitlines()
     assert curve[0].startswith("step,images,train_loss,raw_nll") and len(curve) == 3  # steps 1 and 2
@@ -583,7 +664,7 @@ def test_maskgit_host_recipe_and_demo_smoke(tmp_path):
     from libs.models.maskgit import MaskGIT, maskgit_config
     assets, idx = tmp_path / "assets", fake_fashion_mnist(tmp_path / "idx")
     assets.mkdir()
-    for name in ("vqgan_demo.pth", "vqgan_demo.pth.json"):
+    for name in ("vqgan_demo.safetensors", "vqgan_demo.safetensors.json"):
         shutil.copy(REPO / "demo/assets/fashion" / name, assets)
     proc = subprocess.run([sys.executable, "-m", "demo.make_assets", "--backbone", "maskgit", "--config",
                            "configs/demo_fashion_maskgit_smoke.py", "--assets", str(assets), "--work",
@@ -595,7 +676,8 @@ def test_maskgit_host_recipe_and_demo_smoke(tmp_path):
     manifest = json.loads((assets / "maskgit_demo_manifest.json").read_text())
     assert list(manifest["stage_seconds"]) == ["data", "tokens_train", "tokens_heldout", "backbone", "heldout_curve"]
     assert not (assets / "manifest.json").exists()  # the AutoNAT manifest is not touched
-    assert manifest["files"]["vqgan_demo.pth"]["sha256"] == file_sha256(REPO / "demo/assets/fashion/vqgan_demo.pth")
+    assert manifest["files"]["vqgan_demo.safetensors"]["sha256"] == \
+        file_sha256(REPO / "demo/assets/fashion/vqgan_demo.safetensors")
     config = demo_fashion_maskgit_smoke.get_config()
     load_strict(MaskGIT(maskgit_config(config.model)), load_state_dict_file(assets / "maskgit_demo.safetensors"))
     assert len((assets / "maskgit_demo_heldout_curve.csv").read_text().splitlines()) == 3

@@ -30,7 +30,7 @@ from libs.sampling.generation import (check_graphs_tokenizer, check_inputs, chec
                                       schedule_from_flags)
 
 DEMO_CONFIG = "configs/demo_fashion.py"                  # committed Fashion-MNIST demo weights (CPU, seconds)
-DEMO_CHECKPOINT = "demo/assets/fashion/autonat_demo.pth"
+DEMO_CHECKPOINT = "demo/assets/fashion/autonat_demo.safetensors"
 IMAGENET_CONFIG = "configs/ka_mig_l.py"                  # the published ImageNet weights in assets/
 WEIGHTS = ("auto", "demo", "imagenet")
 MAX_UPLOAD_BYTES = 20_000_000    # largest image file the page takes
