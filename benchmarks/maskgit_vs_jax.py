@@ -5,7 +5,7 @@
 
 Needs (dev-only, never the test suite): `--jax-python`, an interpreter with JAX, Flax and ml_collections
 (requirements-fixtures.txt, installed into a separate venv such as /tmp/jaxenv, never into .venv), and `--mirror`, a
-git mirror of google-research/maskgit (its bare git dir, or a folder holding it as `repo/`); about 3 GB of memory.
+git mirror of google-research/maskgit (its bare git dir, or a folder holding it as `repo/`); a few GB of memory.
 
 As tools/make_maskgit_fixtures.py, the official `maskgit/` package of the mirror's HEAD is unpacked into a temp folder
 and this file re-runs itself there under `--jax-python` in worker mode, importing only the official modules, JAX and
