@@ -22,9 +22,9 @@ Input: the same fixed rows for both, [B,257] = class token (K + label) then 256 
     deterministic=True)[..., :K]`, the variables passed as an argument), compiled once before timing (lower and
     compile timed separately), each call ended by block_until_ready(), timed inside the worker;
   - ours: `model(ids, class_ids)` (logits [B,256,K], what our samplers call) in eval mode under
-    torch.inference_mode, fp32; `cpu_kernels='onednn'` (load_model) as a second row when it swaps any layer of this
-    model, else (as now: it covers AutoNAT's modules only) a row with every nn.Linear of MaskGIT swapped for
-    cpu_kernels.OneDNNLinear here, in the benchmark (what extending it to MaskGIT would give).
+    torch.inference_mode, fp32, loaded twice: `cpu_kernels='default'` (F.linear, MKL) and `cpu_kernels='onednn'`
+    (the sampling scripts' default: every linear of the layers and head through oneDNN, the tanh GELU fused into
+    the first dense of each MLP and of the head; the tied head product F.linear(h, E, bias) stays).
 Runs are interleaved (run i of every row back to back, the order alternating between runs), after one warm-up call
 each. Threads: both processes are pinned (sched_setaffinity) to the same first N CPUs of this process's set; torch
 gets torch.set_num_threads(N); the worker gets XLA_FLAGS="--xla_cpu_multi_thread_eigen=<true if N > 1 else false>
@@ -191,13 +191,13 @@ class Worker:
 
 
 def our_models(msgpack_path: Path, folder: Path):
-    """{row name: our MaskGIT} loaded through load_model from the converted file, and the number of layers
-    cpu_kernels='onednn' swaps (its row is left out when 0: it would be the same computation)."""
+    """({row name: our MaskGIT} loaded through load_model from the converted file with cpu_kernels 'default' and
+    'onednn', the number of OneDNNLinear layers of the second)."""
     from dataclasses import asdict
 
     from libs.checkpoint import save_weights
     from libs.config import load_config_file
-    from libs.models.cpu_kernels import OneDNNLinear
+    from libs.models.cpu_kernels import onednn_layer_count
     from libs.models.factory import load_model
     from libs.models.maskgit import maskgit_config
     from tools.convert_maskgit import convert_transformer, read_flax_msgpack
@@ -210,28 +210,10 @@ def our_models(msgpack_path: Path, folder: Path):
     if sizes:
         raise SystemExit(f"converted sizes differ from {CONFIG}: {[(k, got[k], want[k]) for k in sizes]}")
     path = save_weights(state, folder / "maskgit.safetensors", {"model": got})
-    models = {"ours, fp32": load_model(config, "maskgit", checkpoint=path, cpu_kernels="default")}
     onednn = load_model(config, "maskgit", checkpoint=path, cpu_kernels="onednn")
-    swapped = sum(isinstance(m, OneDNNLinear) for m in onednn.modules())
-    if swapped:
-        models["ours, fp32, cpu_kernels='onednn'"] = onednn
-    else:  # what extending cpu_kernels to MaskGIT would give: its linears through oneDNN (no GELU fusion: tanh)
-        models["ours, fp32, every nn.Linear as OneDNNLinear (benchmark-only swap)"] = onednn_linears(
-            load_model(config, "maskgit", checkpoint=path, cpu_kernels="default"))
-    return models, swapped
-
-
-def onednn_linears(model):
-    """`model` with every nn.Linear replaced in place by cpu_kernels.OneDNNLinear (same parameters, no fused GELU);
-    the tied head product F.linear(h, E, bias) stays as it is."""
-    import torch.nn as nn
-
-    from libs.models.cpu_kernels import OneDNNLinear
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if type(child) is nn.Linear:
-                setattr(module, name, OneDNNLinear(child))
-    return model
+    models = {"ours, fp32": load_model(config, "maskgit", checkpoint=path, cpu_kernels="default"),
+              "ours, fp32, cpu_kernels='onednn'": onednn}
+    return models, onednn_layer_count(onednn)
 
 
 def agreement(model, tokens: np.ndarray, official: np.ndarray) -> dict:
@@ -359,9 +341,7 @@ def main(argv=None):
     print(table(times, args.batch))
     print(f"\nJAX compile (not in the rows): lower {compiled['lower_s']:.2f} s, compile {compiled['compile_s']:.2f} s, "
           f"first call {compiled['first_call_s']:.2f} s")
-    if not swapped:
-        print("cpu_kernels='onednn' swaps no layer of MaskGIT (libs/models/cpu_kernels.py covers AutoNAT's modules): "
-              "through load_model it is the fp32 row; the last row swaps MaskGIT's linears in this benchmark only")
+    print(f"cpu_kernels='onednn' runs {swapped} linears of MaskGIT through oneDNN")
     print(f"jax {compiled['jax']}, flax {compiled['flax']}, torch {torch.__version__}; {args.threads} threads on CPUs "
           f"{cpus}; worker env {worker.env}; {time.perf_counter() - t_start:.0f} s in all; load average before "
           f"{load_before[0]:.2f} (1 min) / {load_before[1]:.2f} (5 min), after {load_after[0]:.2f} / "
