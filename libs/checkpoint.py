@@ -17,21 +17,39 @@ ASSETS = {
     "nnet_ema.pth": "the AutoNAT-L backbone EMA weights (AutoNAT release)",
     "graph_nnet_ema.pth": "the KA-MIG model weights (KA-MIG release)",
     "pt_inception-2015-12-05-6726825d.pth": "pytorch-fid's FID Inception weights (pytorch-fid GitHub release)",
+    "tokenizer_imagenet256.safetensors": "the MaskGIT VQGAN tokenizer (official MaskGIT release, converted)",
+    "maskgit_imagenet256.safetensors": "the MaskGIT backbone (official MaskGIT release, converted)",
 }
+
+# The command that writes an asset, for the assets a tool of this repository makes from a released file.
+CONVERT_MASKGIT = ("python -m tools.convert_maskgit --tokenizer <tokenizer_imagenet256_checkpoint> --transformer "
+                   "<maskgit_imagenet256_checkpoint> --out assets/")
+ASSET_COMMANDS = {"tokenizer_imagenet256.safetensors": CONVERT_MASKGIT,
+                  "maskgit_imagenet256.safetensors": CONVERT_MASKGIT}
 
 
 class MissingAssetError(MissingInput):
     """A weight file the user must place under assets/."""
 
 
+def folder_of(path) -> str:
+    """The folder of `path` as written in messages, ending in one '/' ('/' for a file in the root, './' for a
+    bare name)."""
+    folder = str(Path(path).parent)
+    return folder if folder.endswith("/") else folder + "/"
+
+
 def missing_asset_message(path) -> str:
+    """Lines naming a missing weights file: what it is (for the published names of ASSETS), the folder it goes
+    in, the flags that point elsewhere, and how to get it (the command that writes it, else README_ASSETS)."""
     path = Path(path)
-    what = ASSETS.get(path.name, "a checkpoint")
+    what = f"this is {ASSETS[path.name]}; " if path.name in ASSETS else ""
+    how = f"`{ASSET_COMMANDS[path.name]}` ({README_ASSETS})" if path.name in ASSET_COMMANDS else README_ASSETS
     return (f"checkpoint not found: {path}\n"
-            f"  this is {what}; put '{path.name}' in the folder '{path.parent}/' "
+            f"  {what}put '{path.name}' in the folder '{folder_of(path)}' "
             f"(or pass its path: --checkpoint for the token model, --config.tokenizer.checkpoint=<path> for "
             f"the tokenizer, --config.train.init_checkpoint=<path> for training).\n"
-            f"  How to get it: {README_ASSETS}.")
+            f"  How to get it: {how}.")
 
 
 def require_file(path) -> Path:
@@ -178,8 +196,10 @@ def _first_component(keys):
     return next(iter(heads)) if len(heads) == 1 and all("." in k for k in keys) else None
 
 
-def likely_cause(expected: dict, found: dict, missing: list, unexpected: list) -> str:
-    """A sentence naming the probable reason for a mismatch, when the pattern is clear ('' otherwise)."""
+def likely_cause(expected: dict, found: dict, missing: list, unexpected: list, kinds=("autonat", "ka_mig")) -> str:
+    """A sentence naming the probable reason for a mismatch, when the pattern is clear ('' otherwise); `kinds`
+    (bare, with the graphs) are the --model values of the loading model's backbone (factory.BACKBONE_KINDS)."""
+    bare, with_graphs = kinds
     head = _first_component(found)
     if head is not None and _first_component(expected) != head:
         inner = {k[len(head) + 1:] for k in found}
@@ -191,23 +211,25 @@ def likely_cause(expected: dict, found: dict, missing: list, unexpected: list) -
         return f"every model key starts with '{head}.' but no checkpoint key does"
     found_graph = any(k.startswith("graph_layer.") for k in unexpected)
     if found_graph and not any(k.startswith("graph_layer.") for k in expected):
-        return ("the checkpoint holds graph_layer.* tensors: it is a KA-MIG checkpoint, use --model ka_mig "
-                "(or load it into a KA-MIG model)")
+        return (f"the checkpoint holds graph_layer.* tensors: it is a {with_graphs} checkpoint (backbone with the "
+                f"graphs), use --model {with_graphs} (or load it into a {with_graphs} model)")
     if (missing and all(k.startswith("graph_layer.") for k in missing) and not unexpected):
-        return ("the checkpoint has no graph_layer.* tensors: it is a bare AutoNAT backbone, use --model autonat "
-                "(or train KA-MIG on it with train.init_checkpoint)")
+        return (f"the checkpoint has no graph_layer.* tensors: it is a bare {bare} backbone, use --model {bare} "
+                f"(or train {with_graphs} on it with train.init_checkpoint)")
     if not missing and not unexpected:
         return "every name matches but some shapes differ: the checkpoint was made with other sizes (see the config)"
     return ""
 
 
-def load_strict(module: torch.nn.Module, state_dict: dict, source: str = "checkpoint", allow_missing=()):
+def load_strict(module: torch.nn.Module, state_dict: dict, source: str = "checkpoint", allow_missing=(),
+                kinds=("autonat", "ka_mig")):
     """Loads `state_dict` into `module` requiring every name and shape to match.
 
     `allow_missing` lists name prefixes that may be absent (kept at their current values). Wrapper prefixes
     (`module.`, `_orig_mod.`) that every key carries and the module's keys do not are stripped with a warning.
     A mismatch raises BadInput showing missing keys beside unexpected ones (first few of each, with counts)
-    and the likely cause when the pattern is clear.
+    and the likely cause when the pattern is clear; `kinds` (bare, with the graphs) are the model kinds of the
+    module's backbone that the cause names.
     """
     module_state = module.state_dict()
     state_dict, stripped = strip_wrapper_prefixes(state_dict, expected=module_state)
@@ -222,7 +244,7 @@ def load_strict(module: torch.nn.Module, state_dict: dict, source: str = "checkp
         lines = [f"{source} does not match {type(module).__name__}: {len(missing)} missing, {len(unexpected)} "
                  f"unexpected, {len(shapes)} of another shape (model {len(expected)} tensors, checkpoint "
                  f"{len(found)})"]
-        cause = likely_cause(expected, found, missing, unexpected)
+        cause = likely_cause(expected, found, missing, unexpected, kinds)
         if cause:
             lines.append(f"likely cause: {cause}")
         for title, names, fmt in (

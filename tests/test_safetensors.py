@@ -100,7 +100,7 @@ def test_to_safetensors_converts_and_is_byte_reproducible(tmp_path, capsys):
 def test_to_safetensors_bad_input_is_one_line(tmp_path, capsys):
     torch.save({"w": torch.ones(2), "step": 3}, tmp_path / "mixed.pth")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    cases = {tmp_path / "absent.pth": "checkpoint not found",
+    cases = {tmp_path / "absent.pth": "input not found",
              tmp_path / "notes.txt": "not a readable weights file",
              tmp_path / "mixed.pth": "not a state dict"}
     for src, message in cases.items():
@@ -110,3 +110,39 @@ def test_to_safetensors_bad_input_is_one_line(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0] and str(src) in lines[0]
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def to_safetensors_error(capsys, *argv) -> str:
+    """The one line `python -m tools.to_safetensors <argv>` ends with (asserts exit status 2, one line)."""
+    with pytest.raises(SystemExit) as exit_status:
+        run_main(to_safetensors, [str(a) for a in argv])
+    assert exit_status.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_to_safetensors_refuses_its_own_input_as_output(tmp_path, capsys, monkeypatch):
+    torch.save(tiny_backbone(seed=2).state_dict(), tmp_path / "w.pth")
+    before = (tmp_path / "w.pth").read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.pth").symlink_to(tmp_path / "w.pth")
+    (tmp_path / "hard.pth").hardlink_to(tmp_path / "w.pth")
+    monkeypatch.chdir(tmp_path)
+    for dst in ("w.pth", tmp_path / "w.pth", "sub/../w.pth", tmp_path / "link.pth", tmp_path / "hard.pth"):
+        line = to_safetensors_error(capsys, "w.pth", dst)
+        assert line == f"error: output {dst} is the input w.pth itself; write the .safetensors file to another path"
+    assert (tmp_path / "w.pth").read_bytes() == before  # a torch file still, untouched
+
+
+def test_to_safetensors_output_folder_and_missing_input_are_one_line(tmp_path, capsys):
+    torch.save(tiny_backbone(seed=2).state_dict(), tmp_path / "w.pth")
+    (tmp_path / "out").mkdir()
+    line = to_safetensors_error(capsys, tmp_path / "w.pth", tmp_path / "out")
+    assert line == f"error: cannot write {tmp_path / 'out'}: it is a folder"
+    assert list((tmp_path / "out").iterdir()) == []
+    assert to_safetensors_error(capsys, "/nonexist.pth", tmp_path / "x.safetensors") == \
+        "error: input not found: /nonexist.pth"
+    assert to_safetensors_error(capsys, tmp_path / "out", tmp_path / "x.safetensors") == \
+        f"error: input {tmp_path / 'out'} is a folder, not a weights file"
+    assert not (tmp_path / "x.safetensors").exists()

@@ -7,10 +7,12 @@ beside 'state_dict' (e.g. the demo tokenizer's 'tokenizer' config and 'train' re
 'config' (JSON text with sorted keys). The output is byte-reproducible: the same input gives the same bytes.
 """
 import json
+import os
 import warnings
+from pathlib import Path
 
-from libs.cli import ArgumentParser, run_main
-from libs.errors import BadInput
+from libs.cli import ArgumentParser, check_writable, run_main
+from libs.errors import BadInput, MissingInput
 
 def side_config(obj):
     """The entries stored beside 'state_dict' in a loaded torch file, or None when there are none."""
@@ -28,12 +30,33 @@ def config_json(config) -> str:
         raise BadInput(f"the entries beside 'state_dict' are not plain config values ({e})") from e
 
 
+def check_paths(src, dst):
+    """Refuses, before reading anything, a missing `src` (MissingInput), a `dst` that is `src` itself (same
+    resolved path or same file) or that cannot be written, e.g. an existing folder (BadInput)."""
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise MissingInput(f"input not found: {src}")
+    if src.is_dir():
+        raise BadInput(f"input {src} is a folder, not a weights file")
+    same = src.resolve() == dst.resolve()
+    if not same and dst.exists():
+        try:
+            same = os.path.samefile(src, dst)
+        except OSError:
+            pass
+    if same:
+        raise BadInput(f"output {dst} is the input {src} itself; write the .safetensors file to another path")
+    check_writable(dst)  # BadInput: a folder, or a folder that cannot hold it
+
+
 def convert(src, dst) -> dict:
     """Writes the state dict of `src` to `dst` as .safetensors; returns its metadata.
 
-    Raises MissingInput (no `src`), BadInput (not a weights file, non-tensor entries, an unsupported dtype).
+    Raises MissingInput (no `src`), BadInput (`dst` is `src` or not writable; not a weights file, non-tensor
+    entries, an unsupported dtype).
     """
     from libs.checkpoint import load_state_dict_file, read_weights_file, save_weights, weights_metadata
+    check_paths(src, dst)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the prefix warning is repeated by load_state_dict_file below
         config = side_config(read_weights_file(src))
