@@ -123,7 +123,8 @@ def load_model(config, kind: str = "ka_mig", checkpoint=None, device="cpu", grap
     """
     checkpoint = checkpoint or DEFAULT_CHECKPOINTS[kind]
     model = build_model(config, kind, graphs)
-    load_strict(model, load_state_dict_file(checkpoint), source=str(checkpoint))
+    load_strict(model, load_state_dict_file(checkpoint), source=str(checkpoint),
+                kinds=BACKBONE_KINDS[backbone_of(config)])  # a mismatch hint names this backbone's --model values
     return apply_cpu_kernels(model, cpu_kernels).eval().requires_grad_(False).to(device)
 
 
