@@ -395,6 +395,18 @@ def check_data_source(config, fashion_mnist=None):
         locate_idx_folder(fashion_mnist or d.fashion_mnist or None, cache=repo_path(d.fashion_mnist_cache))
 
 
+def assets_command(config, key: str = "backbone") -> str:
+    """The `make demo-assets` command(s) that rebuild a demo config's weight `key` ('tokenizer' or 'backbone'):
+    the Makefile's DATA and BACKBONE when they are not its defaults (fashion_mnist, autonat); a tokenizer that
+    the backbone reuses (demo.train_tokenizer false) is the AutoNAT build's, made first."""
+    data = ["DATA=synthetic"] if config.demo.source != "fashion_mnist" else []
+    backbone = backbone_of(config)
+    own = " ".join(["make demo-assets", *data, *([f"BACKBONE={backbone}"] if backbone != "autonat" else [])])
+    if key == "tokenizer" and not config.demo.get("train_tokenizer", True):
+        return f"`{' '.join(['make demo-assets', *data])}` (the data set's tokenizer), then `{own}`"
+    return f"`{own}`"
+
+
 def prepare_run(config_file, overrides, out, data_root, assets, outputs, fashion_mnist=None) -> tuple:
     """What `make demo` and `make ablation` do first: load the config, check the demo weights and the data
     source, then clear `outputs` of earlier runs in `out` (so a bad flag loses nothing).
@@ -408,7 +420,7 @@ def prepare_run(config_file, overrides, out, data_root, assets, outputs, fashion
     p = demo_paths(out, assets, data_root, d)
     for key in ("tokenizer", "backbone"):
         if not p[key].is_file():
-            raise MissingInput(f"demo weights not found: {p[key]} (rebuild them with `make demo-assets`)")
+            raise MissingInput(f"demo weights not found: {p[key]} (rebuild them with {assets_command(config, key)})")
     check_data_source(config, fashion_mnist)
     clean_outputs(out, outputs)
     out.mkdir(parents=True, exist_ok=True)

@@ -265,6 +265,29 @@ def test_run_demo_names_missing_weights(tmp_path, capsys):
     assert "no_such_key" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, present, missing, command", [
+    (["--backbone", "maskgit"], ["vqgan_demo.safetensors"], "maskgit_demo.safetensors",
+     "`make demo-assets BACKBONE=maskgit`"),
+    (["--backbone", "maskgit"], [], "vqgan_demo.safetensors",  # its tokenizer is the AutoNAT build's
+     "`make demo-assets` (the data set's tokenizer), then `make demo-assets BACKBONE=maskgit`"),
+    (["--dataset", "synthetic"], ["vqgan_demo.safetensors"], "autonat_demo.safetensors",
+     "`make demo-assets DATA=synthetic`"),
+    ([], [], "vqgan_demo.safetensors", "`make demo-assets`")])
+def test_missing_demo_weights_name_the_make_command_of_their_backbone(tmp_path, capsys, flags, present, missing,
+                                                                     command):
+    """The rebuild command of a missing demo weight is the Makefile's for that config (BACKBONE, DATA)."""
+    from demo import run_demo
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    for name in present:
+        (assets / name).write_bytes(b"x")  # only its presence is checked before the missing one
+    with pytest.raises(SystemExit) as e:
+        run_demo.main([*flags, "--smoke", "--assets", str(assets), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and not (tmp_path / "out").exists()
+    expected = f"error: demo weights not found: {assets / missing} (rebuild them with {command})\n"
+    assert capsys.readouterr().err == expected
+
+
 def test_a_bad_data_flag_loses_nothing(tmp_path, capsys):
     """A mistyped --fashion-mnist folder is refused in one line (exit 2) before an earlier run's results go."""
     from demo import ablation, run_demo
