@@ -1,4 +1,13 @@
-"""A tiny KA-MaskGIT (configs/tiny.py's sizes on the MaskGIT backbone) for tests: seconds on a CPU."""
+"""configs/tiny.py's sizes on the MaskGIT backbone, with a graph block, for tests: seconds on a CPU.
+
+Sampling builds KA-MaskGIT (the graph block: model kind `ka_maskgit`). Training as-is keeps configs/tiny.py's
+`train.mode` `pretrain`: a bare tiny MaskGIT from a random init (configs/ka_maskgit.py's masking and loss). To train
+the KA-MaskGIT graph modules on a frozen tiny MaskGIT (as tests/test_knowledge.py does), set the mode and its inputs:
+
+    python train_graph.py --config configs/tiny_ka_maskgit.py --config.train.mode=ka_mig \\
+        --config.train.init_checkpoint=<a configs/tiny_maskgit.py run>/model_ema.safetensors \\
+        --config.graph.dir=<graph_construction.build_graphs output> --config.data.path=<token dataset>
+"""
 from configs import ka_maskgit, tiny
 
 OBJECTIVE = ("label_smoothing", "p_uncond", "mask_schedule", "min_mask_rate", "loss_average")

@@ -290,3 +290,32 @@ def test_tiny_ka_maskgit_trains_with_train_graph_and_samples_with_generate_img(t
         generate_img.main([*shared, "--model", "ka_mig", "--checkpoint", str(exported), "--classes", "1",
                            "--out", str(tmp_path / "refused"), "--device", "cpu"])
     assert not (tmp_path / "refused").exists()
+
+
+def test_tiny_ka_maskgit_docstring_says_what_it_trains_and_its_ka_command_works(tmp_path):
+    """configs/tiny_ka_maskgit.py as-is pretrains a bare MaskGIT (configs/tiny.py's mode) and samples KA-MaskGIT;
+    the command of its docstring (placeholders filled) trains the graph modules on a tiny MaskGIT's export."""
+    import importlib
+
+    import train_graph
+    from libs.checkpoint import EXPORT_NAME, save_weights
+    from libs.training.trainer import mode_kind
+    config = load_config_file(TINY)
+    doc = importlib.import_module("configs.tiny_ka_maskgit").__doc__
+    assert config.train.mode == "pretrain" and "`train.mode` `pretrain`" in " ".join(doc.split())
+    assert mode_kind(config) == "maskgit" and default_kind(config) == "ka_maskgit"
+    backbone = build_model(load_config_file("configs/tiny_maskgit.py"), "maskgit")
+    save_weights(backbone.state_dict(), tmp_path / "tiny_maskgit" / EXPORT_NAME)
+    filled = {"<a configs/tiny_maskgit.py run>": tmp_path / "tiny_maskgit",
+              "<graph_construction.build_graphs output>": save_tiny_graphs(tmp_path / "graphs"),
+              "<token dataset>": write_training_token_dir(tmp_path / "tokens")}
+    command = doc[doc.index("python train_graph.py"):].replace("\\\n", " ")
+    for placeholder, value in filled.items():
+        command = command.replace(placeholder, str(value))
+    argv = command.split()[2:]
+    assert "<" not in command and argv[:3] == ["--config", TINY, "--config.train.mode=ka_mig"]
+    assert train_graph.main([*argv, f"--config.output_dir={tmp_path / 'runs'}", "--config.train.n_steps=1",
+                             "--config.train.batch_size=4"]) == 0
+    state = load_state_dict_file(tmp_path / "runs" / "tiny_ka_maskgit" / EXPORT_NAME)
+    assert any(k.startswith("graph_layer.") for k in state)  # a KA-MaskGIT, on the given backbone
+    assert all(torch.equal(state[k], v) for k, v in backbone.state_dict().items() if not k.startswith("mlm_layer."))
