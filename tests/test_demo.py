@@ -154,15 +154,15 @@ def test_train_tokenizer_entry_is_seeded(tmp_path, one_thread):
 # ----------------------------------------------------------------------------- committed weights
 
 
-@pytest.mark.parametrize("config_name", ["demo", "demo_fashion"])
+@pytest.mark.parametrize("config_name", ["demo", "demo_fashion", "demo_fashion_maskgit"])
 def test_committed_demo_weights_load_and_match_their_manifest(config_name):
     import importlib
+    from demo.pipeline import asset_names
     from libs.checkpoint import file_sha256, load_state_dict_file, load_strict, weights_format, weights_metadata
-    from libs.models.autonat import AutoNAT
-    from libs.models.factory import backbone_config, load_tokenizer
+    from libs.models.factory import build_model, load_tokenizer, model_kind
     config = importlib.import_module(f"configs.{config_name}").get_config()
     assets = REPO / config.demo.assets
-    manifest = json.loads((assets / "manifest.json").read_text())
+    manifest = json.loads((assets / asset_names(config.demo)["manifest"]).read_text())
     for name, info in manifest["files"].items():
         assert file_sha256(assets / name) == info["sha256"], f"{name} differs from {assets}/manifest.json"
     tokenizer = load_tokenizer(config.tokenizer, checkpoint=REPO / config.tokenizer.checkpoint)
@@ -173,7 +173,7 @@ def test_committed_demo_weights_load_and_match_their_manifest(config_name):
     assert stored["tokenizer"] == json.loads(json.dumps(tokenizer.config_dict()))
     report = json.loads((REPO / (config.tokenizer.checkpoint + ".json")).read_text())
     assert report["train"] == stored["train"] and report["report"] == manifest["tokenizer"]
-    backbone = AutoNAT(backbone_config(config.model))
+    backbone = build_model(config, model_kind(config, graphs=False))  # AutoNAT, or MaskGIT on the MaskGIT host
     load_strict(backbone, load_state_dict_file(REPO / config.train.init_checkpoint))
     if config.demo.reference_features:
         with np.load(assets / config.demo.reference_features) as z:
