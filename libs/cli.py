@@ -52,6 +52,17 @@ def _probe_folder(folder: Path, what: str):
                 break
 
 
+def same_file(a, b) -> bool:
+    """True when paths `a` and `b` name one file: the same resolved path, or (both existing) a link to it."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def check_writable(*paths, folders=()):
     """Checks, before any expensive work, that each file in `paths` can be written (its folder exists or can be
     made and accepts new files; the path itself is not a folder) and that each of `folders` can hold files."""

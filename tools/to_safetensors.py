@@ -7,11 +7,10 @@ beside 'state_dict' (e.g. the demo tokenizer's 'tokenizer' config and 'train' re
 'config' (JSON text with sorted keys). The output is byte-reproducible: the same input gives the same bytes.
 """
 import json
-import os
 import warnings
 from pathlib import Path
 
-from libs.cli import ArgumentParser, check_writable, run_main
+from libs.cli import ArgumentParser, check_writable, run_main, same_file
 from libs.errors import BadInput, MissingInput
 
 def side_config(obj):
@@ -38,13 +37,7 @@ def check_paths(src, dst):
         raise MissingInput(f"input not found: {src}")
     if src.is_dir():
         raise BadInput(f"input {src} is a folder, not a weights file")
-    same = src.resolve() == dst.resolve()
-    if not same and dst.exists():
-        try:
-            same = os.path.samefile(src, dst)
-        except OSError:
-            pass
-    if same:
+    if same_file(src, dst):
         raise BadInput(f"output {dst} is the input {src} itself; write the .safetensors file to another path")
     check_writable(dst)  # BadInput: a folder, or a folder that cannot hold it
 

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from libs.atomic_io import atomic_savez
-from libs.cli import ArgumentParser, check_writable, run_main
+from libs.cli import ArgumentParser, check_writable, run_main, same_file
 from libs.data.images import IMAGE_EXTENSIONS, UnreadableImage, list_image_files, read_rgb
 from libs.devices import check_device
 from libs.errors import BadInput, MissingInput
@@ -392,13 +392,7 @@ def check_output(out, images, overwrite: bool = False):
     """Raises BadInput when `out` is the `images` input itself (same resolved path or file), or when it exists
     and is not reference statistics (an .npz with mu/sigma) and `overwrite` is False."""
     out, images = Path(out), Path(images)
-    same = out.resolve() == images.resolve()
-    if not same and out.exists() and images.exists():
-        try:
-            same = os.path.samefile(out, images)
-        except OSError:
-            pass
-    if same:
+    if same_file(out, images):
         raise BadInput(f"--out {out} is the --images input itself; write the statistics to another file")
     if out.is_file() and not overwrite and not is_stats_npz(out):
         raise BadInput(f"--out {out} exists and is not a reference-statistics .npz (no 'mu'/'sigma' arrays); "
