@@ -19,13 +19,17 @@ ASSETS = {
     "pt_inception-2015-12-05-6726825d.pth": "pytorch-fid's FID Inception weights (pytorch-fid GitHub release)",
     "tokenizer_imagenet256.safetensors": "the MaskGIT VQGAN tokenizer (official MaskGIT release, converted)",
     "maskgit_imagenet256.safetensors": "the MaskGIT backbone (official MaskGIT release, converted)",
+    "ka_maskgit_ema.safetensors": "the KA-MaskGIT model weights (none released: what a KA-MaskGIT training run writes)",
 }
 
 # The command that writes an asset, for the assets a tool of this repository makes from a released file.
 CONVERT_MASKGIT = ("python -m tools.convert_maskgit --tokenizer <tokenizer_imagenet256_checkpoint> --transformer "
                    "<maskgit_imagenet256_checkpoint> --out assets/")
+TRAIN_KA_MASKGIT = ("train_graph.py --config configs/ka_maskgit.py, then pass its output/<run>/model_ema.safetensors "
+                    "with --checkpoint")
 ASSET_COMMANDS = {"tokenizer_imagenet256.safetensors": CONVERT_MASKGIT,
-                  "maskgit_imagenet256.safetensors": CONVERT_MASKGIT}
+                  "maskgit_imagenet256.safetensors": CONVERT_MASKGIT,
+                  "ka_maskgit_ema.safetensors": TRAIN_KA_MASKGIT}
 
 
 class MissingAssetError(MissingInput):

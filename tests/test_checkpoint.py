@@ -105,6 +105,14 @@ def test_missing_maskgit_weights_name_the_convert_command(tmp_path, capsys):
     assert lines[0].endswith(f"How to get it: `{CONVERT_MASKGIT}` (README.md, section 'Checkpoints (assets/)').")
 
 
+def test_missing_ka_maskgit_weights_say_none_were_released():
+    from libs.checkpoint import TRAIN_KA_MASKGIT, missing_asset_message
+    from libs.models.factory import DEFAULT_CHECKPOINTS
+    message = missing_asset_message(DEFAULT_CHECKPOINTS["ka_maskgit"])
+    assert "none released" in message and f"How to get it: `{TRAIN_KA_MASKGIT}`" in message
+    assert TRAIN_KA_MASKGIT.startswith("train_graph.py --config configs/ka_maskgit.py")
+
+
 @pytest.mark.parametrize("config_file, saved, loaded", [("configs/tiny_ka_maskgit.py", "ka_maskgit", "maskgit"),
                                                         ("configs/tiny_ka_maskgit.py", "maskgit", "ka_maskgit"),
                                                         ("configs/tiny.py", "ka_mig", "autonat"),
