@@ -699,24 +699,32 @@ def test_thread_choice_follows_the_cores_busy_now():
 
 
 def test_maskgit_host_recipe_and_demo_smoke(tmp_path):
-    """`make demo-assets BACKBONE=maskgit` then `make demo BACKBONE=maskgit`, tiny: the MaskGIT backbone is pretrained
-    with MaskGIT's objective on the committed tokenizer (reused, not retrained), named after itself next to the
-    AutoNAT files, and the demo measures backbone / control / KA-MaskGIT / shuffled-graph KA-MaskGIT on it."""
+    """`make demo-assets BACKBONE=maskgit` and `make demo BACKBONE=maskgit`, tiny and side by side (the demo on the
+    committed MaskGIT weights): the MaskGIT backbone is pretrained with MaskGIT's objective on the committed tokenizer
+    (reused, not retrained), named after itself next to the AutoNAT files, and the demo measures backbone / control /
+    KA-MaskGIT / shuffled-graph KA-MaskGIT."""
     import shutil
     from configs import demo_fashion_maskgit_smoke
     from libs.checkpoint import file_sha256, load_state_dict_file, load_strict
     from libs.models.maskgit import MaskGIT, maskgit_config
-    assets, idx = tmp_path / "assets", fake_fashion_mnist(tmp_path / "idx")
+    assets, idx, out = tmp_path / "assets", fake_fashion_mnist(tmp_path / "idx"), tmp_path / "out"
     assets.mkdir()
     for name in ("vqgan_demo.safetensors", "vqgan_demo.safetensors.json"):
         shutil.copy(REPO / "demo/assets/fashion" / name, assets)
-    proc = subprocess.run([sys.executable, "-m", "demo.make_assets", "--backbone", "maskgit", "--config",
-                           "configs/demo_fashion_maskgit_smoke.py", "--assets", str(assets), "--work",
-                           str(tmp_path / "work"), "--data", str(tmp_path / "data"), "--fashion-mnist", str(idx),
-                           "--threads", "1", "--config.train.n_steps=2", "--config.train.batch_size=8",
-                           "--config.train.log_interval=1", "--config.train.save_interval=1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    commands = {
+        "assets": ["-m", "demo.make_assets", "--backbone", "maskgit", "--config", "configs/demo_fashion_maskgit_smoke.py",
+                   "--assets", str(assets), "--work", str(tmp_path / "work"), "--data", str(tmp_path / "data"),
+                   "--fashion-mnist", str(idx), "--threads", "1", "--config.train.n_steps=2",
+                   "--config.train.batch_size=8", "--config.train.log_interval=1", "--config.train.save_interval=1"],
+        "demo": ["-m", "demo.run_demo", "--backbone", "maskgit", "--smoke", "--out", str(out), "--data",
+                 str(tmp_path / "data_demo"), "--fashion-mnist", str(idx), "--threads", "1",
+                 "--config.demo.fid_samples=10"]}
+    procs = {k: subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True) for k, argv in commands.items()}
+    for name, proc in procs.items():
+        output = proc.communicate(timeout=900)[0]
+        assert proc.returncode == 0, f"{name}: {output[-3000:]}"
+
     manifest = json.loads((assets / "maskgit_demo_manifest.json").read_text())
     assert list(manifest["stage_seconds"]) == ["data", "tokens_train", "tokens_heldout", "backbone", "heldout_curve"]
     assert not (assets / "manifest.json").exists()  # the AutoNAT manifest is not touched
@@ -730,16 +738,11 @@ def test_maskgit_host_recipe_and_demo_smoke(tmp_path):
     assert (t["mode"], t["mask_schedule"], t["min_mask_rate"], tuple(t["betas"]), t["weight_decay"]) == \
         ("pretrain", "cosine", 0.5, (0.9, 0.96), 0.045)
 
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "demo.run_demo", "--backbone", "maskgit", "--smoke", "--assets",
-                           str(assets), "--out", str(out), "--data", str(tmp_path / "data_demo"), "--fashion-mnist",
-                           str(idx), "--threads", "1", "--config.demo.fid_samples=10"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     models = json.loads((out / "models.json").read_text())
     assert [(m["name"], m["kind"]) for m in models] == [("backbone", "maskgit"), ("control", "ka_maskgit"),
                                                        ("ka_mig", "ka_maskgit"), ("shuffled", "ka_maskgit")]
-    assert "graphs_shuffled" in models[3]["checkpoint"] or any("graphs_shuffled" in o for o in models[3]["overrides"])
+    assert models[0]["checkpoint"] == str(REPO / "demo/assets/fashion/maskgit_demo.safetensors")
+    assert any("graphs_shuffled" in o for o in models[3]["overrides"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["host"] == "KA-MaskGIT" and "ka_mig-shuffled" in metrics["nll"]["differences"]
     assert "fid ka_mig-shuffled" in metrics["verdicts"]
