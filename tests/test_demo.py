@@ -595,13 +595,44 @@ def fake_fashion_mnist(folder, train_per_class=5, test_per_class=3):
     return write_idx_folder(folder, splits)
 
 
-def test_demo_smoke_run_writes_every_artifact(tmp_path):
+def run_side_by_side(commands: dict, logs: Path, timeout: int = 900) -> dict:
+    """Runs `python <argv>` for every named argv at once (each stage uses 1 thread: two of them share 2 cores);
+    -> {name: CompletedProcess} with stdout and stderr read back from files under `logs` (no pipe to drain)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for name, argv in commands.items():
+        out, err = open(logs / f"{name}.out", "w"), open(logs / f"{name}.err", "w")
+        procs[name] = (subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=out, stderr=err, text=True), out, err)
+    done = {}
+    for name, (proc, out, err) in procs.items():
+        proc.wait(timeout=timeout)
+        out.close(), err.close()
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, (logs / f"{name}.out").read_text(),
+                                                 (logs / f"{name}.err").read_text())
+    return done
+
+
+@pytest.fixture(scope="module")
+def autonat_smoke(tmp_path_factory):
+    """`python -m demo.run_demo --smoke` and `python -m demo.make_assets` at tiny size, side by side (the demo runs
+    on the committed weights), on small idx files written here. -> (root folder, {name: CompletedProcess})."""
+    root = tmp_path_factory.mktemp("smoke")
+    idx = fake_fashion_mnist(root / "idx")
+    commands = {
+        "demo": ["-m", "demo.run_demo", "--smoke", "--out", str(root / "demo/out"), "--data", str(root / "demo/data"),
+                 "--fashion-mnist", str(idx), "--threads", "1"],
+        "assets": ["-m", "demo.make_assets", "--config", "configs/demo_fashion_smoke.py", "--assets",
+                   str(root / "assets/assets"), "--work", str(root / "assets/work"), "--data",
+                   str(root / "assets/data"), "--fashion-mnist", str(idx), "--threads", "1",
+                   "--config.train.n_steps=2", "--config.train.batch_size=8", "--config.train.log_interval=1",
+                   "--config.train.save_interval=1"]}
+    return root, run_side_by_side(commands, root / "logs")
+
+
+def test_demo_smoke_run_writes_every_artifact(autonat_smoke):
     """`python -m demo.run_demo --smoke`: every real script runs at tiny size on small idx files written here."""
-    out, data = tmp_path / "out", tmp_path / "data"
-    idx = fake_fashion_mnist(tmp_path / "idx")
-    proc = subprocess.run([sys.executable, "-m", "demo.run_demo", "--smoke", "--out", str(out), "--data", str(data),
-                           "--fashion-mnist", str(idx), "--threads", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    root, procs = autonat_smoke
+    out, data, proc = root / "demo/out", root / "demo/data", procs["demo"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from configs import demo_fashion_smoke
     config = demo_fashion_smoke.get_config()
@@ -652,21 +683,15 @@ def test_demo_smoke_run_writes_every_artifact(tmp_path):
     assert "Held-out masked-token NLL" in summary and "KA-MIG - control" in summary and summary in proc.stdout
 
 
-def test_make_assets_recipe_smoke(tmp_path):
+def test_make_assets_recipe_smoke(autonat_smoke):
     """`python -m demo.make_assets` at tiny size on small idx files: weights that load strictly, the held-out curve,
     the FID reference features and a true manifest."""
     from configs import demo_fashion_smoke
     from libs.models.autonat import AutoNAT
     from libs.models.factory import backbone_config, load_tokenizer
     from libs.checkpoint import file_sha256, load_strict
-    assets = tmp_path / "assets"
-    idx = fake_fashion_mnist(tmp_path / "idx")
-    proc = subprocess.run([sys.executable, "-m", "demo.make_assets", "--config", "configs/demo_fashion_smoke.py",
-                           "--assets", str(assets), "--work", str(tmp_path / "work"), "--data", str(tmp_path / "data"),
-                           "--fashion-mnist", str(idx), "--threads", "1", "--config.train.n_steps=2",
-                           "--config.train.batch_size=8", "--config.train.log_interval=1",
-                           "--config.train.save_interval=1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    root, procs = autonat_smoke
+    assets, proc = root / "assets/assets", procs["assets"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     manifest = json.loads((assets / "manifest.json").read_text())
     assert list(manifest["stage_seconds"]) == ["data", "tokenizer", "tokens_train", "tokens_heldout", "backbone",
@@ -719,11 +744,8 @@ def test_maskgit_host_recipe_and_demo_smoke(tmp_path):
         "demo": ["-m", "demo.run_demo", "--backbone", "maskgit", "--smoke", "--out", str(out), "--data",
                  str(tmp_path / "data_demo"), "--fashion-mnist", str(idx), "--threads", "1",
                  "--config.demo.fid_samples=10"]}
-    procs = {k: subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True) for k, argv in commands.items()}
-    for name, proc in procs.items():
-        output = proc.communicate(timeout=900)[0]
-        assert proc.returncode == 0, f"{name}: {output[-3000:]}"
+    for name, proc in run_side_by_side(commands, tmp_path / "logs").items():
+        assert proc.returncode == 0, f"{name}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
 
     manifest = json.loads((assets / "maskgit_demo_manifest.json").read_text())
     assert list(manifest["stage_seconds"]) == ["data", "tokens_train", "tokens_heldout", "backbone", "heldout_curve"]
