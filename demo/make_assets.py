@@ -51,8 +51,9 @@ def main(argv=None):
         load_demo_config(backbone_file, overrides)
     except (KeyError, ValueError, FileNotFoundError) as e:
         parser.error(str(e.args[0] if e.args else e))
+    work = args.work or f"output/demo_assets_{dataset}" + ("_maskgit" if args.backbone == "maskgit" else "")
     return driver_main("demo-assets", lambda: build_assets(
-        config_file, backbone_file, overrides, args.work or f"output/demo_assets_{dataset}{'_maskgit' if args.backbone == 'maskgit' else ''}",
+        config_file, backbone_file, overrides, work,
         args.assets or config.demo.assets, args.data, args.threads, args.fashion_mnist, resume=args.resume))
 
 

@@ -31,9 +31,9 @@ TOKENIZER_FILE = "vqgan_demo.safetensors"  # its training report is TOKENIZER_FI
 BACKBONE_FILE = "autonat_demo.safetensors"  # config.demo.backbone_file of the AutoNAT demos
 MANIFEST_FILE = "manifest.json"
 # what run_demo writes into its output folder (removed at the start of a run; nothing else is touched)
-DEMO_OUTPUTS = ("logs", "tokens", "graphs", "graphs_shuffled", "runs", "samples", "models.json", "nll.npz", "fid.json",
-                "grid_backbone.png", "grid_control.png", "grid_ka_mig.png", "grid_shuffled.png", "comparison.png", "curves.png",
-                "metrics.json", "summary.txt",
+DEMO_OUTPUTS = ("logs", "tokens", "graphs", "graphs_shuffled", "runs", "samples", "models.json", "nll.npz",
+                "fid.json", "grid_backbone.png", "grid_control.png", "grid_ka_mig.png", "grid_shuffled.png",
+                "comparison.png", "curves.png", "metrics.json", "summary.txt",
                 "ka_mig", "grid_runs", "fid_ka_mig", "fid_backbone", "fid_ref_val.npz")  # the last five: older demos
 WORK_TOKENIZER = "tokenizer.safetensors"  # the tokenizer build_assets trains in its work folder
 ASSET_OUTPUTS = ("logs", "tokens", "backbone", WORK_TOKENIZER, WORK_TOKENIZER + ".json", "curve.csv",
