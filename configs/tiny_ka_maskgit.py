@@ -9,22 +9,17 @@ the KA-MaskGIT graph modules on a frozen tiny MaskGIT (as tests/test_knowledge.p
         --config.graph.dir=<graph_construction.build_graphs output> --config.data.path=<token dataset>
 """
 from configs import ka_maskgit, tiny
+from configs.tiny_maskgit import tiny_sizes
 
 OBJECTIVE = ("label_smoothing", "p_uncond", "mask_schedule", "min_mask_rate", "loss_average")
 
 
 def get_config():
-    config = ka_maskgit.get_config()
     small = tiny.get_config()
+    config = tiny_sizes(ka_maskgit.get_config(), small)
     config.run_name = "tiny_ka_maskgit"
-    config.tokenizer = small.tokenizer
-    config.model = small.model
-    config.model.depth = 3       # any number of layers (no U-ViT pairs)
-    config.model.qkv_bias = True  # as the release
     objective = {k: config.train[k] for k in OBJECTIVE}
     config.train = small.train
     config.train.update(objective)  # MaskGIT's masking and loss (configs/maskgit.py), tiny sizes and steps
     config.graph.dir = ""
-    config.data.path = ""
-    config.sample.steps = 4
     return config

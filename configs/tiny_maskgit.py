@@ -3,14 +3,20 @@
 from configs import maskgit, tiny
 
 
-def get_config():
-    config = maskgit.get_config()
-    small = tiny.get_config()
-    config.run_name = "tiny_maskgit"
+def tiny_sizes(config, small):
+    """configs/tiny.py's tokenizer and model (`small`) on a MaskGIT config; shared with configs/tiny_ka_maskgit.py."""
     config.tokenizer = small.tokenizer
     config.model = small.model
     config.model.depth = 3        # any number of layers (no U-ViT pairs)
     config.model.qkv_bias = True  # as the release
+    config.data.path = ""
+    config.sample.steps = 4
+    return config
+
+
+def get_config():
+    config = tiny_sizes(maskgit.get_config(), tiny.get_config())
+    config.run_name = "tiny_maskgit"
 
     t = config.train  # the recipe (optimizer, warm-up, masking, loss) stays configs/maskgit.py's; only the run shrinks
     t.init_checkpoint = ""        # a fresh backbone
@@ -19,7 +25,4 @@ def get_config():
     t.mixed_precision = "no"
     t.log_interval = 5
     t.save_interval = 10
-
-    config.data.path = ""
-    config.sample.steps = 4
     return config
