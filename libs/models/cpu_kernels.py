@@ -54,24 +54,9 @@ class OneDNNLinear(nn.Linear):
         return F.gelu(y, approximate=self.approximate) if self.gelu else y
 
 
-class TanhFusedMlp(maskgit.Mlp):
-    """maskgit.Mlp whose `intermediate_output` is a OneDNNLinear with the tanh GELU fused (same children)."""
-
-    def forward(self, h):  # [B,n,dim] -> [B,n,dim]
-        out = self.layer_output(self.intermediate_output(h))  # dense + GELU(tanh) in one call, then dense
-        return self.layer_output_ln(self.dropout(out) + h)
-
-
-class TanhFusedMlmLayer(maskgit.MlmLayer):
-    """maskgit.MlmLayer whose `mlm_dense` is a OneDNNLinear with the tanh GELU fused (same children)."""
-
-    def forward(self, x, word_embeddings):  # x [B,n,dim], word_embeddings [V,dim] -> [B,n,V]
-        h = self.mlm_ln(self.mlm_dense(x))  # dense + GELU(tanh) in one call
-        return F.linear(h, word_embeddings, self.mlm_bias)
-
-
-TANH_FUSED = {maskgit.Mlp: (TanhFusedMlp, "intermediate_output"),
-              maskgit.MlmLayer: (TanhFusedMlmLayer, "mlm_dense")}  # class -> (fused class, linear before GELU)
+# module class -> the linear its `act` GELU follows (both backbones' MLPs and heads)
+GELU_AFTER = {autonat.Mlp: "fc1", autonat.MlmLayer: "fc", maskgit.Mlp: "intermediate_output",
+              maskgit.MlmLayer: "mlm_dense"}
 
 
 @lru_cache(maxsize=None)
@@ -96,14 +81,12 @@ def fuse_gelus(model: nn.Module):
     GELU always, MaskGIT's tanh GELU when tanh_gelu_fusable()."""
     tanh = tanh_gelu_fusable()
     for module in model.modules():
-        if isinstance(module, (autonat.Mlp, autonat.MlmLayer)) and isinstance(module.act, nn.GELU):
-            first = "fc1" if isinstance(module, autonat.Mlp) else "fc"
-            setattr(module, first, OneDNNLinear(getattr(module, first), gelu=True))  # fc -> GELU in one call
-            module.act = nn.Identity()
-        elif tanh and type(module) in TANH_FUSED:  # exactly maskgit's class: not yet fused
-            fused, first = TANH_FUSED[type(module)]
-            setattr(module, first, OneDNNLinear(getattr(module, first), gelu=True, approximate="tanh"))
-            module.__class__ = fused  # same children and state_dict, forward without its own GELU
+        first = next((name for cls, name in GELU_AFTER.items() if isinstance(module, cls)), None)
+        act = getattr(module, "act", None)
+        if first is None or not isinstance(act, nn.GELU) or (act.approximate == "tanh" and not tanh):
+            continue  # not an MLP or head, already fused, or a tanh GELU this oneDNN cannot fuse
+        setattr(module, first, OneDNNLinear(getattr(module, first), gelu=True, approximate=act.approximate))
+        module.act = nn.Identity()  # linear + GELU in one call
 
 
 def onednn_layer_count(model: nn.Module) -> int:

@@ -212,12 +212,13 @@ class Mlp(nn.Module):
     def __init__(self, dim, hidden, dropout):
         super().__init__()
         self.intermediate_output = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")  # no parameters; the CPU kernels fold it into the linear before it
         self.layer_output = nn.Linear(hidden, dim)
         self.dropout = nn.Dropout(dropout)
         self.layer_output_ln = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
 
     def forward(self, h):
-        out = self.layer_output(F.gelu(self.intermediate_output(h), approximate="tanh"))
+        out = self.layer_output(self.act(self.intermediate_output(h)))
         return self.layer_output_ln(self.dropout(out) + h)
 
 
@@ -227,11 +228,12 @@ class MlmLayer(nn.Module):
     def __init__(self, dim, vocab_size):
         super().__init__()
         self.mlm_dense = nn.Linear(dim, dim)
+        self.act = nn.GELU(approximate="tanh")  # no parameters; the CPU kernels fold it into mlm_dense
         self.mlm_ln = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
         self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, x, word_embeddings):  # x [B,n,dim], word_embeddings [V,dim] -> [B,n,V]
-        h = self.mlm_ln(F.gelu(self.mlm_dense(x), approximate="tanh"))
+        h = self.mlm_ln(self.act(self.mlm_dense(x)))
         return F.linear(h, word_embeddings, self.mlm_bias)
 
 
